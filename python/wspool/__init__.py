@@ -1,0 +1,39 @@
+"""wspool: consume WebSocket streams from Python with a native read loop and worker pool.
+
+A Rust core (tokio + tokio-tungstenite) reads the socket and turns every message into a
+:class:`Job`; a pool of native threads decodes it and runs your handler; :class:`Result` objects
+come back to Python in batches. See :func:`consume` and :func:`run`.
+"""
+
+from __future__ import annotations
+
+from ._native import Job, Result, Stats, __version__
+from ._stream import Stream, consume, run
+from .exceptions import (
+    ConnectError,
+    ConnectionClosed,
+    DecodeError,
+    HandshakeError,
+    InternalError,
+    ProtocolError,
+    Timeout,
+    WspoolError,
+)
+
+__all__ = [
+    "ConnectError",
+    "ConnectionClosed",
+    "DecodeError",
+    "HandshakeError",
+    "InternalError",
+    "Job",
+    "ProtocolError",
+    "Result",
+    "Stats",
+    "Stream",
+    "Timeout",
+    "WspoolError",
+    "__version__",
+    "consume",
+    "run",
+]

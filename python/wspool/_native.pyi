@@ -1,0 +1,107 @@
+"""Type stubs for wspool's native module (Rust, built by maturin)."""
+
+from typing import Any, Callable, Optional, Union
+
+__version__: str
+
+class Job:
+    """One received message: what the handler gets and what ``Result.job`` holds."""
+
+    @property
+    def id(self) -> int:
+        """Position of the message in the stream: 0, 1, 2, ... in receipt order."""
+    @property
+    def type(self) -> str:
+        """The frame type the message arrived in: "text" or "binary"."""
+    @property
+    def data(self) -> Any:
+        """The payload after decoding: bytes, str or a JSON value (raw bytes if it failed)."""
+    @property
+    def received_at(self) -> float:
+        """``time.time()`` when the message was read from the socket."""
+    @property
+    def connection(self) -> int:
+        """Which connection of the stream delivered the message (0 for the first)."""
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """A dict about the message: "size" (payload bytes as received)."""
+
+class Result:
+    """The outcome of one job: ``value`` or ``error``."""
+
+    @property
+    def job(self) -> Job:
+        """The job this result belongs to."""
+    @property
+    def value(self) -> Any:
+        """What the handler returned (the decoded payload without a handler); None on error."""
+    @property
+    def error(self) -> Optional[BaseException]:
+        """The exception object (traceback kept) when the job failed, else None."""
+    @property
+    def ok(self) -> bool:
+        """True when the job produced a value, False when it failed."""
+
+class Stats:
+    """A snapshot of a stream's counters."""
+
+    @property
+    def received(self) -> int:
+        """Messages read from the socket (each became a job)."""
+    @property
+    def processed(self) -> int:
+        """Jobs whose result is a value."""
+    @property
+    def failed(self) -> int:
+        """Jobs whose result is an error."""
+    @property
+    def cancelled(self) -> int:
+        """Jobs dropped unprocessed by ``cancel()``."""
+    @property
+    def in_flight(self) -> int:
+        """Jobs received but not finished yet."""
+    @property
+    def bytes(self) -> int:
+        """Payload bytes received."""
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the stream started, frozen when it ends."""
+    @property
+    def workers(self) -> int:
+        """Size of the worker pool."""
+    @property
+    def threads(self) -> int:
+        """Native threads of the stream still running (0 once it is closed)."""
+    def as_dict(self) -> dict[str, Union[int, float]]:
+        """The counters as a dict."""
+
+class NativeStream:
+    """The native half of ``wspool.Stream``; use ``wspool.consume()`` instead."""
+
+    def __init__(
+        self,
+        url: str,
+        handler: Optional[Callable[[Job], Any]],
+        *,
+        workers: int,
+        decode: str,
+        subscribe: list[Union[str, bytes]],
+        headers: list[tuple[str, str]],
+        timeout: Optional[float],
+        queue_size: int,
+        open_timeout: float,
+        close_timeout: float,
+    ) -> None: ...
+    def wait_connected(self) -> None:
+        """Blocks until the handshake is done; raises ConnectError, HandshakeError or Timeout."""
+    def next_batch(self, max: int = 1024) -> Optional[list[Result]]:
+        """Up to ``max`` results, waiting for the first; None when the stream is over."""
+    def close(self) -> None:
+        """Stop reading and send a close frame; queued jobs still finish."""
+    def cancel(self) -> None:
+        """Stop reading, send a close frame, drop queued jobs and undelivered results."""
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Waits for every native thread to end; True if they did within ``timeout``."""
+    @property
+    def stats(self) -> Stats:
+        """A snapshot of the counters."""

@@ -1,0 +1,109 @@
+"""Exceptions raised by wspool.
+
+Every exception wspool raises on purpose derives from :class:`WspoolError`; bad arguments raise
+the builtin :class:`ValueError` before any thread starts. The tree::
+
+    Exception
+    └── WspoolError
+        ├── ConnectError          TCP connect, DNS or TLS failed        (.url)
+        │   └── HandshakeError    the server refused the upgrade        (.url, .status, .body)
+        ├── Timeout               connect + handshake took too long     (.url); also a TimeoutError
+        ├── ConnectionClosed      abnormal close frame or a drop        (.code, .reason)
+        ├── ProtocolError         the server broke RFC 6455
+        ├── DecodeError           a payload did not decode              (.job_id, .payload);
+        │                         delivered in ``Result.error``, never raised by the iterator;
+        │                         also a ValueError
+        └── InternalError         a bug in wspool (a native panic); the stream goes on or ends
+                                  cleanly, never crashes the interpreter
+
+Connection errors are raised from the iterator (or ``run()``) only after every result of the
+messages received before the failure has been delivered. A close frame with code 1000 (or one
+without a code) is a normal end: the iteration simply stops.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+__all__ = [
+    "ConnectError",
+    "ConnectionClosed",
+    "DecodeError",
+    "HandshakeError",
+    "InternalError",
+    "ProtocolError",
+    "Timeout",
+    "WspoolError",
+]
+
+
+class WspoolError(Exception):
+    """Base class of every error wspool raises on purpose."""
+
+
+class ConnectError(WspoolError):
+    """The connection could not be opened: refused, DNS failure or TLS failure.
+
+    ``url`` is the URL that was dialled; the message names it and the cause.
+    """
+
+    def __init__(self, message: str, *, url: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.url = url
+
+
+class HandshakeError(ConnectError):
+    """The server answered the WebSocket upgrade with an HTTP status other than 101.
+
+    ``status`` is that status (for example 403 or 404), ``body`` the start of the response body.
+    """
+
+    def __init__(
+        self, message: str, *, url: Optional[str] = None, status: int = 0, body: str = ""
+    ) -> None:
+        super().__init__(message, url=url)
+        self.status = status
+        self.body = body
+
+
+class Timeout(WspoolError, TimeoutError):
+    """Opening the connection (TCP, TLS and the handshake) took longer than ``open_timeout``."""
+
+    def __init__(self, message: str, *, url: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.url = url
+
+
+class ConnectionClosed(WspoolError):
+    """The connection ended abnormally: a close frame with a code other than 1000, or a drop
+    without a close frame (``code`` 1006).
+
+    Raised by the iterator after the results of every message received before the close.
+    ``code`` and ``reason`` are the close frame's.
+    """
+
+    def __init__(self, message: str, *, code: int = 1006, reason: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+class ProtocolError(WspoolError):
+    """The server violated the WebSocket protocol; the message names the violation."""
+
+
+class DecodeError(WspoolError, ValueError):
+    """A payload did not decode as ``decode=`` asked (invalid UTF-8 or JSON).
+
+    Found in ``Result.error`` of that job (the handler is not called); the stream goes on.
+    ``job_id`` is the job's id and ``payload`` the raw bytes.
+    """
+
+    def __init__(self, message: str, *, job_id: int = -1, payload: bytes = b"") -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.payload = payload
+
+
+class InternalError(WspoolError):
+    """A bug in wspool itself, caught before it could crash the interpreter; please report it."""

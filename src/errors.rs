@@ -1,0 +1,109 @@
+//! One error type for the native core. The Python layer maps each variant to one exception class
+//! (see `py::errors`), so the cause reaches the user with the URL, status or close code in it.
+
+use std::time::Duration;
+
+/// Everything that can end a stream, or stop it from starting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The URL or another argument is unusable; raised before any thread starts.
+    #[error("invalid URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+
+    /// Another argument is unusable (a header, a decode mode...); raised before any thread starts.
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    /// TCP connect, DNS or TLS failed.
+    #[error("cannot connect to {url}: {cause}")]
+    Connect { url: String, cause: String },
+
+    /// The server answered the opening handshake with something other than 101.
+    #[error("handshake with {url} rejected: HTTP {status}{}", body_suffix(.body))]
+    Handshake {
+        url: String,
+        status: u16,
+        body: String,
+    },
+
+    /// Connect plus handshake took longer than the open timeout.
+    #[error("opening {url} timed out after {:.1} s", .after.as_secs_f64())]
+    Timeout { url: String, after: Duration },
+
+    /// The connection ended abnormally: a close frame with a code other than 1000, or a drop
+    /// without a close frame (code 1006).
+    #[error("connection closed: code {code}{}", reason_suffix(.reason))]
+    Closed { code: u16, reason: String },
+
+    /// The server broke RFC 6455.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+
+    /// A bug in wspool itself (a panic caught on a native thread).
+    #[error("internal error in wspool: {0}")]
+    Internal(String),
+}
+
+fn body_suffix(body: &str) -> String {
+    if body.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", body.trim())
+    }
+}
+
+fn reason_suffix(reason: &str) -> String {
+    if reason.is_empty() {
+        String::new()
+    } else {
+        format!(", reason {reason:?}")
+    }
+}
+
+/// Renders a caught panic payload as text.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_the_cause() {
+        let e = Error::Handshake {
+            url: "ws://h/".into(),
+            status: 403,
+            body: "no\n".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "handshake with ws://h/ rejected: HTTP 403 (no)"
+        );
+        let e = Error::Closed {
+            code: 1011,
+            reason: "boom".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "connection closed: code 1011, reason \"boom\""
+        );
+        let e = Error::Closed {
+            code: 1006,
+            reason: String::new(),
+        };
+        assert_eq!(e.to_string(), "connection closed: code 1006");
+    }
+
+    #[test]
+    fn panic_payloads_render() {
+        let p = std::panic::catch_unwind(|| panic!("at {}", 3)).unwrap_err();
+        assert_eq!(panic_message(p.as_ref()), "at 3");
+    }
+}

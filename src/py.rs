@@ -1,0 +1,575 @@
+//! The Python binding: converts arguments and results and delegates to the native core. Every
+//! blocking wait runs with the GIL released, in slices, checking for signals between slices so
+//! Ctrl-C interrupts it.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString};
+
+use crate::errors::Error;
+use crate::job::{Data, DecodeError, DecodeMode, Job, Kind};
+use crate::pool::Processor;
+use crate::state::StatsSnapshot;
+use crate::stream::{Batch, Config, Stream};
+use crate::ws::Outgoing;
+
+/// How long one GIL-free wait lasts before signals are checked again.
+const SLICE: Duration = Duration::from_millis(50);
+
+/// Maps a native error to its `wspool.exceptions` class, with the fields the class carries.
+fn to_pyerr(py: Python<'_>, error: Error) -> PyErr {
+    let message = error.to_string();
+    let build = || -> PyResult<PyErr> {
+        let kwargs = PyDict::new(py);
+        let name = match error {
+            Error::InvalidUrl { .. } | Error::InvalidArgument(_) => {
+                return Ok(PyValueError::new_err(message.clone()))
+            }
+            Error::Connect { url, .. } => {
+                kwargs.set_item("url", url)?;
+                "ConnectError"
+            }
+            Error::Handshake { url, status, body } => {
+                kwargs.set_item("url", url)?;
+                kwargs.set_item("status", status)?;
+                kwargs.set_item("body", body)?;
+                "HandshakeError"
+            }
+            Error::Timeout { url, .. } => {
+                kwargs.set_item("url", url)?;
+                "Timeout"
+            }
+            Error::Closed { code, reason } => {
+                kwargs.set_item("code", code)?;
+                kwargs.set_item("reason", reason)?;
+                "ConnectionClosed"
+            }
+            Error::Protocol(_) => "ProtocolError",
+            Error::Internal(_) => "InternalError",
+        };
+        let class = py.import("wspool.exceptions")?.getattr(name)?;
+        Ok(PyErr::from_value(class.call((&message,), Some(&kwargs))?))
+    };
+    build().unwrap_or_else(|e| e)
+}
+
+fn decode_error(py: Python<'_>, job: &Job, e: &DecodeError) -> PyResult<Py<PyAny>> {
+    let kwargs = PyDict::new(py);
+    kwargs.set_item("job_id", job.id)?;
+    kwargs.set_item("payload", PyBytes::new(py, &job.payload))?;
+    let class = py.import("wspool.exceptions")?.getattr("DecodeError")?;
+    let message = format!("job {}: {}", job.id, e.message);
+    Ok(class.call((message,), Some(&kwargs))?.unbind())
+}
+
+fn json_to_py<'py>(py: Python<'py>, value: &serde_json::Value) -> PyResult<Bound<'py, PyAny>> {
+    use serde_json::Value;
+    Ok(match value {
+        Value::Null => py.None().into_bound(py),
+        Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any(),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                i.into_pyobject(py)?.into_any()
+            } else if let Some(u) = n.as_u64() {
+                u.into_pyobject(py)?.into_any()
+            } else {
+                n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any()
+            }
+        }
+        Value::String(s) => PyString::new(py, s).into_any(),
+        Value::Array(items) => {
+            let list = PyList::empty(py);
+            for item in items {
+                list.append(json_to_py(py, item)?)?;
+            }
+            list.into_any()
+        }
+        Value::Object(map) => {
+            let dict = PyDict::new(py);
+            for (k, v) in map {
+                dict.set_item(PyString::new(py, k), json_to_py(py, v)?)?;
+            }
+            dict.into_any()
+        }
+    })
+}
+
+fn data_to_py(py: Python<'_>, data: &Data) -> PyResult<Py<PyAny>> {
+    Ok(match data {
+        Data::Bytes(b) => PyBytes::new(py, b).into_any().unbind(),
+        Data::Text(s) => PyString::new(py, s).into_any().unbind(),
+        Data::Json(v) => json_to_py(py, v)?.unbind(),
+    })
+}
+
+/// One received message: what the handler gets and what `Result.job` holds.
+#[pyclass(frozen, module = "wspool", name = "Job")]
+pub struct PyJob {
+    id: u64,
+    kind: Kind,
+    data: Py<PyAny>,
+    received_at: f64,
+    connection: u32,
+    size: usize,
+    metadata: OnceLock<Py<PyDict>>,
+}
+
+#[pymethods]
+impl PyJob {
+    /// Position of the message in the stream: 0, 1, 2, ... in receipt order.
+    #[getter]
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The frame type the message arrived in: "text" or "binary".
+    #[getter(r#type)]
+    fn kind(&self) -> &'static str {
+        self.kind.as_str()
+    }
+
+    /// The payload after decoding: bytes, str or a JSON value, as `decode=` asked (the raw
+    /// bytes when it did not decode).
+    #[getter]
+    fn data(&self, py: Python<'_>) -> Py<PyAny> {
+        self.data.clone_ref(py)
+    }
+
+    /// `time.time()` when the message was read from the socket.
+    #[getter]
+    fn received_at(&self) -> f64 {
+        self.received_at
+    }
+
+    /// Which connection of the stream delivered the message (0 for the first).
+    #[getter]
+    fn connection(&self) -> u32 {
+        self.connection
+    }
+
+    /// A dict about the message: "size" (payload bytes as received).
+    #[getter]
+    fn metadata(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
+        if let Some(m) = self.metadata.get() {
+            return Ok(m.clone_ref(py));
+        }
+        let dict = PyDict::new(py);
+        dict.set_item("size", self.size)?;
+        Ok(self.metadata.get_or_init(|| dict.unbind()).clone_ref(py))
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let data = self.data.bind(py).repr()?;
+        let data = data.to_cow()?;
+        let shown: String = data.chars().take(60).collect();
+        let more = if data.chars().count() > 60 { "..." } else { "" };
+        Ok(format!(
+            "Job(id={}, type={:?}, connection={}, size={}, data={shown}{more})",
+            self.id,
+            self.kind.as_str(),
+            self.connection,
+            self.size
+        ))
+    }
+}
+
+/// The outcome of one job: `value` (the handler's return value, or the decoded payload when
+/// there is no handler) or `error` (the exception the handler raised, or a `DecodeError`).
+#[pyclass(frozen, module = "wspool", name = "Result")]
+pub struct PyJobResult {
+    job: Py<PyJob>,
+    value: Py<PyAny>,
+    error: Option<Py<PyAny>>,
+}
+
+#[pymethods]
+impl PyJobResult {
+    /// The job this result belongs to.
+    #[getter]
+    fn job(&self, py: Python<'_>) -> Py<PyJob> {
+        self.job.clone_ref(py)
+    }
+
+    /// What the handler returned (the decoded payload without a handler); None on error.
+    #[getter]
+    fn value(&self, py: Python<'_>) -> Py<PyAny> {
+        self.value.clone_ref(py)
+    }
+
+    /// The exception object (traceback kept) when the job failed, else None.
+    #[getter]
+    fn error(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.error.as_ref().map(|e| e.clone_ref(py))
+    }
+
+    /// True when the job produced a value, False when it failed.
+    #[getter]
+    fn ok(&self) -> bool {
+        self.error.is_none()
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let id = self.job.get().id;
+        Ok(match &self.error {
+            None => format!("Result(id={id}, value={})", self.value.bind(py).repr()?),
+            Some(e) => format!("Result(id={id}, error={})", e.bind(py).repr()?),
+        })
+    }
+}
+
+/// A snapshot of a stream's counters.
+#[pyclass(frozen, module = "wspool", name = "Stats")]
+pub struct PyStats {
+    snap: StatsSnapshot,
+    workers: usize,
+}
+
+#[pymethods]
+impl PyStats {
+    /// Messages read from the socket (each became a job).
+    #[getter]
+    fn received(&self) -> u64 {
+        self.snap.received
+    }
+    /// Jobs whose result is a value.
+    #[getter]
+    fn processed(&self) -> u64 {
+        self.snap.processed
+    }
+    /// Jobs whose result is an error.
+    #[getter]
+    fn failed(&self) -> u64 {
+        self.snap.failed
+    }
+    /// Jobs dropped unprocessed by `cancel()` (or by leaving the stream on an interrupt).
+    #[getter]
+    fn cancelled(&self) -> u64 {
+        self.snap.cancelled
+    }
+    /// Jobs received but not finished yet.
+    #[getter]
+    fn in_flight(&self) -> u64 {
+        self.snap.in_flight
+    }
+    /// Payload bytes received.
+    #[getter]
+    fn bytes(&self) -> u64 {
+        self.snap.bytes
+    }
+    /// Seconds since the stream started, frozen when it ends.
+    #[getter]
+    fn elapsed(&self) -> f64 {
+        self.snap.elapsed
+    }
+    /// Size of the worker pool.
+    #[getter]
+    fn workers(&self) -> usize {
+        self.workers
+    }
+    /// Native threads of the stream still running (0 once it is closed).
+    #[getter]
+    fn threads(&self) -> usize {
+        self.snap.threads
+    }
+
+    /// The counters as a dict.
+    fn as_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        let s = &self.snap;
+        d.set_item("received", s.received)?;
+        d.set_item("processed", s.processed)?;
+        d.set_item("failed", s.failed)?;
+        d.set_item("cancelled", s.cancelled)?;
+        d.set_item("in_flight", s.in_flight)?;
+        d.set_item("bytes", s.bytes)?;
+        d.set_item("elapsed", s.elapsed)?;
+        d.set_item("workers", self.workers)?;
+        d.set_item("threads", s.threads)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        let s = &self.snap;
+        format!(
+            "Stats(received={}, processed={}, failed={}, cancelled={}, in_flight={}, bytes={}, \
+             elapsed={:.3}, workers={}, threads={})",
+            s.received,
+            s.processed,
+            s.failed,
+            s.cancelled,
+            s.in_flight,
+            s.bytes,
+            s.elapsed,
+            self.workers,
+            s.threads
+        )
+    }
+}
+
+/// What a worker hands back: finished Python results when there is a handler (built on the
+/// worker, which holds the GIL only for that), or native data converted later in batches.
+enum Out {
+    Native(Job, Result<Data, DecodeError>),
+    Done(Py<PyJobResult>),
+    Panicked(Job, Error),
+}
+
+struct PyProcessor {
+    handler: Option<Py<PyAny>>,
+}
+
+fn make_job(py: Python<'_>, job: &Job, data: Py<PyAny>) -> PyResult<Py<PyJob>> {
+    Py::new(
+        py,
+        PyJob {
+            id: job.id,
+            kind: job.kind,
+            data,
+            received_at: job.received_at,
+            connection: job.connection,
+            size: job.payload.len(),
+            metadata: OnceLock::new(),
+        },
+    )
+}
+
+/// Builds the Python result of a job; the handler (if any) runs here.
+fn finish(
+    py: Python<'_>,
+    handler: Option<&Py<PyAny>>,
+    job: &Job,
+    decoded: &Result<Data, DecodeError>,
+) -> PyResult<(Py<PyJobResult>, bool)> {
+    let (data, decode_failure) = match decoded {
+        Ok(d) => (data_to_py(py, d)?, None),
+        Err(e) => (
+            PyBytes::new(py, &job.payload).into_any().unbind(),
+            Some(decode_error(py, job, e)?),
+        ),
+    };
+    let job_obj = make_job(py, job, data.clone_ref(py))?;
+    let (value, error) = match (decode_failure, handler) {
+        (Some(err), _) => (py.None(), Some(err)),
+        (None, None) => (data, None),
+        (None, Some(h)) => match h.call1(py, (job_obj.clone_ref(py),)) {
+            Ok(v) => (v, None),
+            Err(e) => (py.None(), Some(e.into_value(py).into_any())),
+        },
+    };
+    let ok = error.is_none();
+    let result = PyJobResult {
+        job: job_obj,
+        value,
+        error,
+    };
+    Ok((Py::new(py, result)?, ok))
+}
+
+fn internal_result(py: Python<'_>, job: &Job, error: Error) -> PyResult<Py<PyJobResult>> {
+    let data = PyBytes::new(py, &job.payload).into_any().unbind();
+    let err = to_pyerr(py, error).into_value(py).into_any();
+    Py::new(
+        py,
+        PyJobResult {
+            job: make_job(py, job, data)?,
+            value: py.None(),
+            error: Some(err),
+        },
+    )
+}
+
+impl Processor for PyProcessor {
+    type Output = Out;
+
+    fn process(&self, job: Job, decoded: Result<Data, DecodeError>) -> (Out, bool) {
+        let Some(handler) = &self.handler else {
+            let ok = decoded.is_ok();
+            return (Out::Native(job, decoded), ok);
+        };
+        Python::attach(|py| match finish(py, Some(handler), &job, &decoded) {
+            Ok((result, ok)) => (Out::Done(result), ok),
+            Err(e) => {
+                let msg = format!("cannot build the result of job {}: {e}", job.id);
+                (Out::Panicked(job, Error::Internal(msg)), false)
+            }
+        })
+    }
+
+    fn panicked(&self, job: Job, error: Error) -> Out {
+        Out::Panicked(job, error)
+    }
+}
+
+fn out_to_py(py: Python<'_>, out: Out) -> PyResult<Py<PyJobResult>> {
+    match out {
+        Out::Done(r) => Ok(r),
+        Out::Native(job, decoded) => Ok(finish(py, None, &job, &decoded)?.0),
+        Out::Panicked(job, error) => internal_result(py, &job, error),
+    }
+}
+
+fn wait_slices<T>(
+    py: Python<'_>,
+    timeout: Option<f64>,
+    mut step: impl FnMut(Duration) -> Option<T> + Send,
+) -> PyResult<Option<T>>
+where
+    T: Send,
+{
+    let deadline = timeout.map(|t| std::time::Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+    loop {
+        let slice = match deadline {
+            Some(d) => d
+                .saturating_duration_since(std::time::Instant::now())
+                .min(SLICE),
+            None => SLICE,
+        };
+        if let Some(v) = py.detach(|| step(slice)) {
+            return Ok(Some(v));
+        }
+        py.check_signals()?;
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return Ok(None);
+        }
+    }
+}
+
+/// The native half of `wspool.Stream`; use `wspool.consume()` instead of this class.
+#[pyclass(frozen, module = "wspool._native", name = "NativeStream")]
+pub struct NativeStream {
+    inner: Stream<Out>,
+}
+
+fn outgoing(item: &Bound<'_, PyAny>) -> PyResult<Outgoing> {
+    if let Ok(s) = item.cast::<PyString>() {
+        Ok(Outgoing::Text(s.to_cow()?.into_owned()))
+    } else if let Ok(b) = item.cast::<PyBytes>() {
+        Ok(Outgoing::Binary(b.as_bytes().to_vec()))
+    } else {
+        Err(PyValueError::new_err(format!(
+            "subscribe messages must be str or bytes, not {}",
+            item.get_type().name()?
+        )))
+    }
+}
+
+#[pymethods]
+impl NativeStream {
+    /// Checks the arguments and starts the threads; the connection opens in the background
+    /// (see `wait_connected`). Raises ValueError for an unusable URL or argument.
+    #[new]
+    #[pyo3(signature = (url, handler, *, workers, decode, subscribe, headers, timeout,
+                        queue_size, open_timeout, close_timeout))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        url: String,
+        handler: Option<Py<PyAny>>,
+        workers: usize,
+        decode: &str,
+        subscribe: Vec<Bound<'_, PyAny>>,
+        headers: Vec<(String, String)>,
+        timeout: Option<f64>,
+        queue_size: usize,
+        open_timeout: f64,
+        close_timeout: f64,
+    ) -> PyResult<Self> {
+        let seconds = |name: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(PyValueError::new_err(format!(
+                    "{name} must be a non-negative number of seconds, not {v}"
+                )))
+            }
+        };
+        let mut config = Config::new(url);
+        config.workers = workers;
+        config.decode = decode
+            .parse::<DecodeMode>()
+            .map_err(PyValueError::new_err)?;
+        config.subscribe = subscribe.iter().map(outgoing).collect::<PyResult<_>>()?;
+        config.headers = headers;
+        config.timeout = timeout.map(|t| seconds("timeout", t)).transpose()?;
+        config.queue_size = queue_size;
+        config.open_timeout = seconds("open_timeout", open_timeout)?;
+        config.close_timeout = seconds("close_timeout", close_timeout)?;
+        let processor = PyProcessor { handler };
+        let inner =
+            Python::attach(|py| Stream::start(config, processor).map_err(|e| to_pyerr(py, e)))?;
+        Ok(NativeStream { inner })
+    }
+
+    /// Blocks until the handshake is done; raises ConnectError, HandshakeError or Timeout.
+    fn wait_connected(&self, py: Python<'_>) -> PyResult<()> {
+        let inner = &self.inner;
+        match wait_slices(py, None, |slice| inner.wait_connected(slice))? {
+            Some(Err(e)) => Err(to_pyerr(py, e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Up to `max` results as a list, waiting for the first; None when the stream is over
+    /// (after raising, once, the error that ended it abnormally).
+    #[pyo3(signature = (max = 1024))]
+    fn next_batch<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Option<Bound<'py, PyList>>> {
+        let inner = &self.inner;
+        let batch = wait_slices(py, None, |slice| match inner.next_batch(max, slice) {
+            Batch::Pending => None,
+            other => Some(other),
+        })?;
+        match batch {
+            Some(Batch::Items(items)) => {
+                let converted = items
+                    .into_iter()
+                    .map(|o| out_to_py(py, o))
+                    .collect::<PyResult<Vec<_>>>()?;
+                Ok(Some(PyList::new(py, converted)?))
+            }
+            Some(Batch::End(Some(e))) => Err(to_pyerr(py, e)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Stop reading and send a close frame; queued jobs still finish. Returns at once.
+    fn close(&self) {
+        self.inner.close();
+    }
+
+    /// Stop reading, send a close frame, drop queued jobs and undelivered results.
+    fn cancel(&self) {
+        self.inner.cancel();
+    }
+
+    /// Waits (GIL released, Ctrl-C honoured) for every native thread to end; True if they did
+    /// within `timeout` seconds (None: no limit).
+    #[pyo3(signature = (timeout = None))]
+    fn join(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let inner = &self.inner;
+        let done = wait_slices(py, timeout, |slice| inner.join(slice).then_some(()))?;
+        Ok(done.is_some())
+    }
+
+    /// A snapshot of the counters.
+    #[getter]
+    fn stats(&self) -> PyStats {
+        PyStats {
+            snap: self.inner.stats(),
+            workers: self.inner.workers(),
+        }
+    }
+}
+
+/// The native core of wspool (read loop, worker pool, queues). Use the `wspool` package.
+#[pymodule]
+#[pyo3(name = "_native")]
+fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<NativeStream>()?;
+    m.add_class::<PyJob>()?;
+    m.add_class::<PyJobResult>()?;
+    m.add_class::<PyStats>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! One stream: a read-loop thread running its own single-threaded tokio runtime, N workers, and
+//! the bounded queues between them. The owner (the Python layer, or a Rust caller) waits for the
+//! connection, pulls result batches, and closes, cancels or joins. Every wait here takes a
+//! timeout, so the Python layer can wait in slices and check for Ctrl-C in between.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::errors::Error;
+use crate::job::{DecodeMode, Job};
+use crate::pool::{self, Processor};
+use crate::state::{Shared, StatsSnapshot};
+use crate::ws::{self, Control, Outgoing, Reader};
+
+/// How to open and run a stream.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    /// Sent in order right after the handshake.
+    pub subscribe: Vec<Outgoing>,
+    pub workers: usize,
+    /// Capacity of the job queue and of the result queue (messages).
+    pub queue_size: usize,
+    pub decode: DecodeMode,
+    /// Overall deadline, then a graceful close.
+    pub timeout: Option<Duration>,
+    pub open_timeout: Duration,
+    pub close_timeout: Duration,
+}
+
+impl Config {
+    pub fn new(url: impl Into<String>) -> Self {
+        Config {
+            url: url.into(),
+            headers: Vec::new(),
+            subscribe: Vec::new(),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            queue_size: 1024,
+            decode: DecodeMode::Text,
+            timeout: None,
+            open_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What one wait for results gave.
+#[derive(Debug)]
+pub enum Batch<O> {
+    /// One or more results.
+    Items(Vec<O>),
+    /// Nothing arrived within the wait; call again.
+    Pending,
+    /// The stream is over and every result has been handed out; the error, if it ended
+    /// abnormally.
+    End(Option<Error>),
+}
+
+/// A running stream. Dropping it cancels it; its threads then end on their own.
+pub struct Stream<O> {
+    shared: Arc<Shared>,
+    control: watch::Sender<Control>,
+    connected: flume::Receiver<Result<(), Error>>,
+    results: Mutex<Option<flume::Receiver<O>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    workers: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<O: Send + 'static> Stream<O> {
+    /// Checks the configuration, then starts the workers and the read-loop thread, which
+    /// connects in the background: see [`Stream::wait_connected`].
+    pub fn start<P: Processor<Output = O>>(config: Config, processor: P) -> Result<Self, Error> {
+        let request = ws::prepare_request(&config.url, &config.headers)?;
+        if config.workers == 0 || config.queue_size == 0 {
+            return Err(Error::InvalidArgument(
+                "workers and queue_size must be at least 1".into(),
+            ));
+        }
+        let workers = config.workers;
+        let shared = Arc::new(Shared::new());
+        let (jobs_tx, jobs_rx) = flume::bounded::<Job>(config.queue_size);
+        let (results_tx, results_rx) = flume::bounded::<O>(config.queue_size);
+        let (control, control_rx) = watch::channel(Control::Run);
+        let (connected_tx, connected) = flume::bounded(1);
+
+        let mut threads = pool::spawn(
+            config.workers,
+            Arc::new(processor),
+            config.decode,
+            jobs_rx,
+            results_tx,
+            shared.clone(),
+        )?;
+        let io_shared = shared.clone();
+        let guard = shared.thread_guard();
+        let io = std::thread::Builder::new()
+            .name("wspool-io".into())
+            .spawn(move || {
+                let _guard = guard;
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let e = Error::Internal(format!("cannot start the I/O runtime: {e}"));
+                        io_shared.set_error(e.clone());
+                        let _ = connected_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let reader = Reader {
+                    jobs: jobs_tx,
+                    control: control_rx,
+                    shared: io_shared,
+                    deadline: config.timeout.map(|t| tokio::time::Instant::now() + t),
+                    close_timeout: config.close_timeout,
+                    connection: 0,
+                    next_id: 0,
+                };
+                runtime.block_on(open_and_read(request, config, reader, connected_tx));
+            });
+        match io {
+            Ok(handle) => threads.push(handle),
+            Err(e) => {
+                // The workers see the job queue closed and end.
+                return Err(Error::Internal(format!("cannot start the I/O thread: {e}")));
+            }
+        }
+        Ok(Stream {
+            shared,
+            control,
+            connected,
+            results: Mutex::new(Some(results_rx)),
+            threads: Mutex::new(threads),
+            workers,
+        })
+    }
+
+    /// Waits up to `wait` for the handshake. `None`: still connecting. `Some(Ok)`: connected
+    /// (and stays `Some(Ok)` on later calls). `Some(Err)`: the connection could not be opened.
+    pub fn wait_connected(&self, wait: Duration) -> Option<Result<(), Error>> {
+        match self.connected.recv_timeout(wait) {
+            Ok(Ok(())) => Some(Ok(())),
+            Ok(Err(e)) => Some(Err(e)),
+            Err(flume::RecvTimeoutError::Timeout) => None,
+            // Already reported once, or the stream was closed before it connected.
+            Err(flume::RecvTimeoutError::Disconnected) => Some(match self.shared.error() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }),
+        }
+    }
+
+    /// Waits up to `wait` for at least one result, then takes up to `max` without waiting more.
+    pub fn next_batch(&self, max: usize, wait: Duration) -> Batch<O> {
+        let Some(rx) = lock(&self.results).clone() else {
+            return self.end();
+        };
+        match rx.recv_timeout(wait) {
+            Ok(first) => {
+                let mut items = Vec::with_capacity(max.min(rx.len() + 1));
+                items.push(first);
+                items.extend(rx.try_iter().take(max.saturating_sub(1)));
+                Batch::Items(items)
+            }
+            Err(flume::RecvTimeoutError::Timeout) => Batch::Pending,
+            Err(flume::RecvTimeoutError::Disconnected) => self.end(),
+        }
+    }
+
+    fn end(&self) -> Batch<O> {
+        self.shared.mark_ended();
+        Batch::End(self.shared.error())
+    }
+
+    /// Graceful close: stop reading, send a close frame; queued and running jobs still finish
+    /// and their results stay available through `next_batch`. Returns at once.
+    pub fn close(&self) {
+        self.control.send_if_modified(|c| {
+            let run = *c == Control::Run;
+            if run {
+                *c = Control::Close;
+            }
+            run
+        });
+    }
+
+    /// Abort: stop reading, send a close frame, drop queued jobs and every result not yet taken.
+    /// Running jobs still end (a thread cannot be interrupted). Returns at once.
+    pub fn cancel(&self) {
+        self.shared.set_cancelled();
+        self.control.send_replace(Control::Cancel);
+        lock(&self.results).take();
+    }
+
+    /// Waits up to `wait` for every thread of the stream to end; true when they all have.
+    pub fn join(&self, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        loop {
+            let mut threads = lock(&self.threads);
+            if threads.iter().all(JoinHandle::is_finished) {
+                for t in threads.drain(..) {
+                    // A panic on these threads is caught where it happens; nothing to report.
+                    let _ = t.join();
+                }
+                return true;
+            }
+            drop(threads);
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.snapshot()
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+}
+
+impl<O> Drop for Stream<O> {
+    fn drop(&mut self) {
+        self.shared.set_cancelled();
+        self.control.send_replace(Control::Cancel);
+    }
+}
+
+async fn open_and_read(
+    request: ws::Request,
+    config: Config,
+    mut reader: Reader,
+    connected: flume::Sender<Result<(), Error>>,
+) {
+    let opened = tokio::select! {
+        biased;
+        _ = wait_while_running(&mut reader.control) => return,
+        opened = open(request, &config) => opened,
+    };
+    match opened {
+        Ok(ws) => {
+            let _ = connected.send(Ok(()));
+            drop(connected);
+            reader.run(ws).await;
+        }
+        Err(e) => {
+            reader.shared.set_error(e.clone());
+            let _ = connected.send(Err(e));
+        }
+    }
+}
+
+async fn open(request: ws::Request, config: &Config) -> Result<ws::WsStream, Error> {
+    let mut ws = ws::connect(request, config.open_timeout).await?;
+    ws::subscribe(&mut ws, &config.subscribe).await?;
+    Ok(ws)
+}
+
+async fn wait_while_running(control: &mut watch::Receiver<Control>) {
+    while *control.borrow_and_update() == Control::Run {
+        if control.changed().await.is_err() {
+            return;
+        }
+    }
+}
