@@ -1,9 +1,10 @@
 """Type stubs for wspool's native module (Rust, built by maturin)."""
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, final
 
 __version__: str
 
+@final
 class Job:
     """One received message: what the handler gets and what ``Result.job`` holds."""
 
@@ -26,6 +27,7 @@ class Job:
     def metadata(self) -> dict[str, Any]:
         """A dict about the message: "size" (payload bytes as received)."""
 
+@final
 class Result:
     """The outcome of one job: ``value`` or ``error``."""
 
@@ -42,6 +44,7 @@ class Result:
     def ok(self) -> bool:
         """True when the job produced a value, False when it failed."""
 
+@final
 class Stats:
     """A snapshot of a stream's counters."""
 
@@ -75,11 +78,12 @@ class Stats:
     def as_dict(self) -> dict[str, Union[int, float]]:
         """The counters as a dict."""
 
+@final
 class NativeStream:
     """The native half of ``wspool.Stream``; use ``wspool.consume()`` instead."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         url: str,
         handler: Optional[Callable[[Job], Any]],
         *,
@@ -91,7 +95,7 @@ class NativeStream:
         queue_size: int,
         open_timeout: float,
         close_timeout: float,
-    ) -> None: ...
+    ) -> NativeStream: ...
     def wait_connected(self) -> None:
         """Blocks until the handshake is done; raises ConnectError, HandshakeError or Timeout."""
     def next_batch(self, max: int = 1024) -> Optional[list[Result]]:

@@ -78,8 +78,13 @@ class Stream:
     ``stats.cancelled``; running ones still end).
     """
 
-    def __init__(self, native: _native.NativeStream, on_result: Optional[OnResult],
-                 close_timeout: float, batch_size: int = 1024) -> None:
+    def __init__(
+        self,
+        native: _native.NativeStream,
+        on_result: Optional[OnResult],
+        close_timeout: float,
+        batch_size: int = 1024,
+    ) -> None:
         self._native = native
         self._on_result = on_result
         self._close_timeout = close_timeout
@@ -278,8 +283,13 @@ def consume(
     return Stream(native, on_result, close_timeout)
 
 
-def run(url: str, handler: Optional[Handler] = None, *, on_result: Optional[OnResult] = None,
-        **options: Any) -> Stats:
+def run(
+    url: str,
+    handler: Optional[Handler] = None,
+    *,
+    on_result: Optional[OnResult] = None,
+    **options: Any,
+) -> Stats:
     """Consumes ``url`` until the stream ends and returns its final :class:`Stats`.
 
     Takes the same arguments as :func:`consume`. Results go to ``on_result`` (if given) and
