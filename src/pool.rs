@@ -23,8 +23,9 @@ pub trait Processor: Send + Sync + 'static {
     fn panicked(&self, job: Job, error: Error) -> Self::Output;
 }
 
-/// Starts `workers` threads. Each ends when the job queue is closed and empty, when the result
-/// queue has no receiver, or (dropping what is left) after `Shared::set_cancelled`.
+/// Starts `workers` threads. Each ends when the job queue is closed (the read loop is done) and
+/// empty; after `Shared::set_cancelled`, or once the result queue has no receiver, the jobs still
+/// queued are counted as cancelled instead of processed.
 pub fn spawn<P: Processor>(
     workers: usize,
     processor: Arc<P>,
@@ -56,8 +57,12 @@ fn work<P: Processor>(
     results: &flume::Sender<P::Output>,
     shared: &Shared,
 ) {
+    // Runs until the read loop has stopped and the queue is empty, so that the read loop is
+    // never left blocked on a full queue; after a cancel, or once nobody reads results, the jobs
+    // still queued are only counted.
+    let mut consumer_gone = false;
     while let Ok(job) = jobs.recv() {
-        if shared.is_cancelled() {
+        if consumer_gone || shared.is_cancelled() {
             shared.on_cancelled();
             continue;
         }
@@ -76,14 +81,7 @@ fn work<P: Processor>(
             }
         };
         shared.on_finished(ok);
-        if results.send(output).is_err() {
-            // Nobody will read results any more (the stream was dropped): stop.
-            break;
-        }
-    }
-    // Cancelled or consumer gone: count what is left so nothing disappears unaccounted.
-    while jobs.try_recv().is_ok() {
-        shared.on_cancelled();
+        consumer_gone = results.send(output).is_err();
     }
 }
 

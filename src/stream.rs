@@ -65,7 +65,12 @@ pub struct Stream<O> {
     shared: Arc<Shared>,
     control: watch::Sender<Control>,
     connected: flume::Receiver<Result<(), Error>>,
+    /// Set once the handshake has succeeded, so later waits keep saying so.
+    was_connected: std::sync::atomic::AtomicBool,
     results: Mutex<Option<flume::Receiver<O>>>,
+    /// Kept to account, after the threads end, for jobs the read loop queued after the workers
+    /// had already stopped (cancel): each is counted as cancelled, none vanishes.
+    leftover_jobs: flume::Receiver<Job>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     workers: usize,
 }
@@ -91,6 +96,7 @@ impl<O: Send + 'static> Stream<O> {
         let (control, control_rx) = watch::channel(Control::Run);
         let (connected_tx, connected) = flume::bounded(1);
 
+        let leftover_jobs = jobs_rx.clone();
         let mut threads = pool::spawn(
             config.workers,
             Arc::new(processor),
@@ -139,7 +145,9 @@ impl<O: Send + 'static> Stream<O> {
             shared,
             control,
             connected,
+            was_connected: std::sync::atomic::AtomicBool::new(false),
             results: Mutex::new(Some(results_rx)),
+            leftover_jobs,
             threads: Mutex::new(threads),
             workers,
         })
@@ -148,11 +156,18 @@ impl<O: Send + 'static> Stream<O> {
     /// Waits up to `wait` for the handshake. `None`: still connecting. `Some(Ok)`: connected
     /// (and stays `Some(Ok)` on later calls). `Some(Err)`: the connection could not be opened.
     pub fn wait_connected(&self, wait: Duration) -> Option<Result<(), Error>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.was_connected.load(SeqCst) {
+            return Some(Ok(()));
+        }
         match self.connected.recv_timeout(wait) {
-            Ok(Ok(())) => Some(Ok(())),
+            Ok(Ok(())) => {
+                self.was_connected.store(true, SeqCst);
+                Some(Ok(()))
+            }
             Ok(Err(e)) => Some(Err(e)),
             Err(flume::RecvTimeoutError::Timeout) => None,
-            // Already reported once, or the stream was closed before it connected.
+            // The failure was reported already, or the stream was closed before it connected.
             Err(flume::RecvTimeoutError::Disconnected) => Some(match self.shared.error() {
                 Some(e) => Err(e),
                 None => Ok(()),
@@ -211,6 +226,9 @@ impl<O: Send + 'static> Stream<O> {
                 for t in threads.drain(..) {
                     // A panic on these threads is caught where it happens; nothing to report.
                     let _ = t.join();
+                }
+                while self.leftover_jobs.try_recv().is_ok() {
+                    self.shared.on_cancelled();
                 }
                 return true;
             }

@@ -194,9 +194,24 @@ impl Reader {
     /// is closed as soon as reading stops, so the workers drain it while the close handshake runs.
     pub async fn run(mut self, mut ws: WsStream) {
         let stop = self.read(&mut ws).await;
+        // Record an abnormal end before closing the job queue: the consumer learns that the
+        // stream is over when the workers finish, and must find the error already there.
+        match &stop {
+            Stop::ServerClosed(frame) => {
+                let (code, reason) = frame
+                    .as_ref()
+                    .map(|f| (u16::from(f.code), f.reason.to_string()))
+                    .unwrap_or((1005, String::new()));
+                // 1000 is a normal close; 1005 means the server sent a close frame with no code.
+                if code != 1000 && code != 1005 {
+                    self.shared.set_error(Error::Closed { code, reason });
+                }
+            }
+            Stop::Failed(e) => self.shared.set_error(e.clone()),
+            Stop::Asked(_) | Stop::Deadline => {}
+        }
         let Reader {
             jobs,
-            shared,
             close_timeout,
             ..
         } = self;
@@ -206,17 +221,8 @@ impl Reader {
                 close(&mut ws, close_timeout, true).await;
             }
             Stop::Asked(Control::Cancel) => close(&mut ws, close_timeout, false).await,
-            Stop::ServerClosed(frame) => {
-                let (code, reason) = frame
-                    .map(|f| (u16::from(f.code), f.reason.to_string()))
-                    .unwrap_or((1005, String::new()));
-                // 1000 is a normal close; 1005 means the server sent a close frame with no code.
-                if code != 1000 && code != 1005 {
-                    shared.set_error(Error::Closed { code, reason });
-                }
-                finish_handshake(&mut ws, close_timeout).await;
-            }
-            Stop::Failed(e) => shared.set_error(e),
+            Stop::ServerClosed(_) => finish_handshake(&mut ws, close_timeout).await,
+            Stop::Failed(_) => {}
         }
     }
 
@@ -255,21 +261,14 @@ impl Reader {
                 connection: self.connection,
             };
             self.next_id += 1;
-            // A received message is always handed to the pool, even during a graceful close;
-            // only cancel drops it. While the queue is full, nothing is read: TCP pushes back.
-            tokio::select! {
-                biased;
-                _ = wait_for_cancel(&mut self.control) => {
-                    self.shared.on_cancelled();
-                    return Stop::Asked(Control::Cancel);
-                }
-                sent = self.jobs.send_async(job) => {
-                    if sent.is_err() {
-                        // Every worker is gone: the stream is being torn down.
-                        self.shared.on_cancelled();
-                        return Stop::Asked(Control::Cancel);
-                    }
-                }
+            // A received message is always handed to the pool, even during a graceful close
+            // or a cancel (the workers then count it as cancelled): this send is never raced
+            // against anything, so a job is never both delivered and dropped. While the queue is
+            // full, nothing is read and TCP pushes back on the server.
+            if self.jobs.send_async(job).await.is_err() {
+                // No worker and no stream handle left: the stream was dropped.
+                self.shared.on_cancelled();
+                return Stop::Asked(Control::Cancel);
             }
         }
     }
@@ -279,17 +278,6 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
-    }
-}
-
-async fn wait_for_cancel(control: &mut watch::Receiver<Control>) {
-    loop {
-        if *control.borrow_and_update() == Control::Cancel {
-            return;
-        }
-        if control.changed().await.is_err() {
-            return;
-        }
     }
 }
 

@@ -21,7 +21,8 @@ def native_thread_count() -> int:
 
 class ThreadCounter:
     """Remembers the process's threads (Python ones and OS ones) at `mark()`, and asserts with
-    `assert_back()` that exactly those are left, waiting a little for stragglers."""
+    `assert_back()` that no more are left, waiting a little for stragglers. (Fewer OS threads
+    is fine: a thread of an earlier test may still have been exiting at `mark()`.)"""
 
     def __init__(self) -> None:
         self.mark()
@@ -33,11 +34,11 @@ class ThreadCounter:
     def assert_back(self) -> None:
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
-            if (threading.active_count(), native_thread_count()) == (self.python, self.native):
+            if threading.active_count() == self.python and native_thread_count() <= self.native:
                 return
             time.sleep(0.01)
         assert threading.active_count() == self.python
-        assert native_thread_count() == self.native
+        assert native_thread_count() <= self.native
 
 
 @pytest.fixture

@@ -190,7 +190,7 @@ def test_subscribe_messages_reach_the_server(mock_server):
     with wspool.consume(server.url, subscribe=subscribe) as stream:
         results = list(stream)
     assert server.received == ["hello", b"\x01bin", '{"op":"subscribe","channel":"trades"}']
-    echoed = [r.job.data for r in results if r.job.id < 3]
+    echoed = [r.job.data for r in sorted(results, key=lambda r: r.job.id) if r.job.id < 3]
     assert echoed == ["hello", "\x01bin", '{"op":"subscribe","channel":"trades"}']
 
 
@@ -198,7 +198,8 @@ def test_headers_are_sent(mock_server):
     server = mock_server(count=1)
     with wspool.consume(server.url, headers={"X-Api-Key": "k123"}) as stream:
         list(stream)
-    assert server.request_headers[0]["X-Api-Key"] == "k123"
+    headers = {name.lower(): value for name, value in server.request_headers[0].items()}
+    assert headers["x-api-key"] == "k123"
 
 
 def test_on_result_runs_once_per_result_never_concurrently(mock_server):
@@ -323,3 +324,55 @@ def test_results_and_jobs_repr(mock_server):
     (result,) = list(wspool.consume(server.url, decode="json"))
     assert repr(result) == "Result(id=0, value={'k': 'v'})"
     assert repr(result.job).startswith('Job(id=0, type="text", connection=0, size=10')
+
+
+def test_silent_listener_is_a_timeout(threads):
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    url = f"ws://127.0.0.1:{listener.getsockname()[1]}/"
+    start = time.monotonic()
+    try:
+        with pytest.raises(wspool.Timeout) as info:
+            wspool.consume(url, open_timeout=0.3)
+    finally:
+        listener.close()
+    assert 0.25 <= time.monotonic() - start < 2.0
+    assert url in str(info.value) and isinstance(info.value, TimeoutError)
+    threads.assert_back()
+
+
+def test_wss_to_a_plain_server_is_a_connect_error(mock_server):
+    server = mock_server(count=1)
+    url = server.url.replace("ws://", "wss://")
+    with pytest.raises(wspool.ConnectError) as info:
+        wspool.consume(url, open_timeout=5)
+    assert url in str(info.value)
+
+
+def test_close_in_the_loop_yields_the_rest_then_stops(mock_server):
+    server = mock_server(count=1_000_000, rate=5000)
+    ids = []
+    with wspool.consume(server.url, lambda job: time.sleep(0.001), workers=2) as stream:
+        for result in stream:
+            ids.append(result.job.id)
+            if len(ids) == 10:
+                stream.close()
+    # Every message received before the close has its result, none twice.
+    assert len(ids) == len(set(ids)) == stream.stats.received
+    assert stream.stats.cancelled == 0 and stream.stats.threads == 0
+
+
+def test_an_exception_in_the_block_still_closes_gracefully(mock_server):
+    server = mock_server(count=1_000_000, rate=5000)
+    delivered = []
+    with pytest.raises(LookupError):
+        with wspool.consume(server.url, on_result=delivered.append) as stream:
+            for result in stream:
+                if result.job.id >= 5:
+                    raise LookupError("stop here")
+    stats = stream.stats
+    assert stats.cancelled == 0 and stats.in_flight == 0 and stats.threads == 0
+    assert len(delivered) == stats.received
