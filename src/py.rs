@@ -389,13 +389,18 @@ impl Processor for PyProcessor {
             let ok = decoded.is_ok();
             return (Out::Native(job, decoded), ok);
         };
-        Python::attach(|py| match finish(py, Some(handler), &job, &decoded) {
-            Ok((result, ok)) => (Out::Done(result), ok),
-            Err(e) => {
-                let msg = format!("cannot build the result of job {}: {e}", job.id);
-                (Out::Panicked(job, Error::Internal(msg)), false)
-            }
-        })
+        // try_attach: never attach to an interpreter that is shutting down (the Python side
+        // cancels live streams at exit, so this is only a second line of defence).
+        let done = Python::try_attach(|py| match finish(py, Some(handler), &job, &decoded) {
+            Ok((result, ok)) => Ok((Out::Done(result), ok)),
+            Err(e) => Err(format!("cannot build the result of job {}: {e}", job.id)),
+        });
+        let error = match done {
+            Some(Ok(done)) => return done,
+            Some(Err(msg)) => msg,
+            None => "the Python interpreter is shutting down".to_string(),
+        };
+        (Out::Panicked(job, Error::Internal(error)), false)
     }
 
     fn panicked(&self, job: Job, error: Error) -> Out {
@@ -441,6 +446,24 @@ where
 #[pyclass(frozen, module = "wspool._native", name = "NativeStream")]
 pub struct NativeStream {
     inner: Stream<Out>,
+    close_timeout: Duration,
+}
+
+impl Drop for NativeStream {
+    /// Dropped without `close()` (garbage collection, `del`): cancel, and wait (GIL released,
+    /// bounded by close_timeout) for the threads, so none is still inside Python when the
+    /// interpreter exits. Not when the last reference goes away on one of the stream's own
+    /// threads (a handler holding it): that thread cannot wait for itself.
+    fn drop(&mut self) {
+        self.inner.cancel();
+        let own_thread = std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("wspool-"));
+        if !own_thread {
+            let (inner, wait) = (&self.inner, self.close_timeout);
+            Python::try_attach(|py| py.detach(|| inner.join(wait)));
+        }
+    }
 }
 
 fn outgoing(item: &Bound<'_, PyAny>) -> PyResult<Outgoing> {
@@ -496,10 +519,14 @@ impl NativeStream {
         config.queue_size = queue_size;
         config.open_timeout = seconds("open_timeout", open_timeout)?;
         config.close_timeout = seconds("close_timeout", close_timeout)?;
+        let close_timeout = config.close_timeout;
         let processor = PyProcessor { handler };
         let inner =
             Python::attach(|py| Stream::start(config, processor).map_err(|e| to_pyerr(py, e)))?;
-        Ok(NativeStream { inner })
+        Ok(NativeStream {
+            inner,
+            close_timeout,
+        })
     }
 
     /// Blocks until the handshake is done; raises ConnectError, HandshakeError or Timeout.

@@ -92,3 +92,33 @@ wspool.consume(f"ws://127.0.0.1:{listener.getsockname()[1]}/", open_timeout=60)
     took, _out, err = _interrupt(proc)
     assert took < 1.0, (took, err)
     assert "KeyboardInterrupt" in err
+
+
+UNCLOSED = """
+import time, wspool
+from wspool.testing import MockServer
+
+server = MockServer(count=10_000_000, rate=5000).start()
+stream = wspool.consume(server.url, lambda job: time.sleep(0.001), workers=4)
+for i, result in enumerate(stream):
+    if i == 50:
+        break
+{ending}
+"""
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        "print('fell off the end')",
+        "import sys; sys.exit(0)",
+        "del stream",
+        "wspool.run(server.url, lambda job: None, on_result=lambda r: __import__('sys').exit(0))",
+    ],
+)
+def test_interpreter_exits_cleanly_with_a_live_stream(run_script, ending):
+    for _ in range(3):
+        proc = run_script(UNCLOSED.format(ending=ending))
+        _out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "Fatal Python error" not in err and "panicked" not in err

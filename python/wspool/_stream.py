@@ -3,10 +3,12 @@ context manager. Everything that waits runs in the native core with the GIL rele
 
 from __future__ import annotations
 
+import atexit
 import collections
 import json
 import os
 import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Callable, Optional, Union
@@ -60,6 +62,18 @@ def _header_pairs(headers: Headers) -> list[tuple[str, str]]:
     return out
 
 
+# Streams not finished yet. At interpreter exit they are cancelled and their threads joined
+# before finalization starts: a native worker still inside a Python handler while the
+# interpreter finalizes would abort the process.
+_live: weakref.WeakSet[Stream] = weakref.WeakSet()
+
+
+@atexit.register
+def _cancel_live_streams() -> None:
+    for stream in list(_live):
+        stream.cancel()
+
+
 class Stream:
     """A running stream of results; made by :func:`consume`.
 
@@ -95,6 +109,7 @@ class Stream:
         self._finished = False
         self._error: Optional[BaseException] = None
         self._error_raised = False
+        _live.add(self)
 
     # -- iteration ---------------------------------------------------------------------------
 
@@ -125,6 +140,8 @@ class Stream:
             if batch is None:
                 self._finish(None)
                 return False
+            # Buffered first: if on_result raises, the batch is still there for the iterator.
+            self._buffer.extend(batch)
             on_result = self._on_result
             if on_result is not None:
                 self._delivering = True
@@ -133,13 +150,13 @@ class Stream:
                         on_result(result)
                 finally:
                     self._delivering = False
-            self._buffer.extend(batch)
             return True
 
     def _finish(self, error: Optional[BaseException]) -> None:
         self._finished = True
         self._error = error
         self._native.join(self._close_timeout)
+        _live.discard(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -158,6 +175,10 @@ class Stream:
         try:
             while self._fill():
                 pass
+        except BaseException:
+            # on_result raised, or Ctrl-C during the drain: the stream still ends, abruptly.
+            self.cancel()
+            raise
         finally:
             self._lock.release()
 
@@ -167,8 +188,11 @@ class Stream:
         (threads cannot be interrupted); this waits up to ``close_timeout`` for them."""
         self._native.cancel()
         self._buffer.clear()
-        self._native.join(self._close_timeout)
         self._finished = True
+        try:
+            self._native.join(self._close_timeout)
+        finally:
+            _live.discard(self)
 
     def __enter__(self) -> Stream:
         return self

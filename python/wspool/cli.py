@@ -252,7 +252,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .testing import main as mock_main
 
         try:
-            mock_main(argv[1:])
+            mock_main(argv[1:], prog="wspool mock")
         except KeyboardInterrupt:
             return 130
         return 0

@@ -753,7 +753,7 @@ def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
     loop.run_until_complete(asyncio.wait(tasks, timeout=_CLOSE_TIMEOUT))
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: Optional[list[str]] = None, prog: str = "python -m wspool.testing") -> None:
     """Run a :class:`MockServer` from the command line until Ctrl-C.
 
     ``python -m wspool.testing --help`` lists the options; they mirror the constructor's.
@@ -761,12 +761,13 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     Args:
         argv: the arguments, without the program name; None reads ``sys.argv``.
+        prog: the program name shown in the help (``wspool mock`` uses it).
 
     Raises:
         SystemExit: on bad arguments, or (code 1) if the server cannot start.
     """
     parser = argparse.ArgumentParser(
-        prog="python -m wspool.testing",
+        prog=prog,
         description="Serve a scripted WebSocket stream on the loopback interface until Ctrl-C.",
     )
     parser.add_argument("--count", type=int, default=None, help="generated JSON messages to send")
