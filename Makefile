@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo dev lint test test-rust test-python bench clean
+.PHONY: install demo dev lint test test-rust test-python test-abi3 bench clean
 
 install:  ## build (release) and install wspool
 	$(PIP) install .
@@ -30,9 +30,20 @@ test-rust:
 test-python:
 	$(PYTHON) -m pytest
 
+# The wheel is abi3 for CPython >= 3.9: build it once, install it on the oldest interpreter
+# found (pyenv's 3.9 here) and run the whole Python suite there.
+OLDEST_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.9*/bin/python3.9))
+test-abi3:
+	@if [ -z "$(OLDEST_PYTHON)" ]; then echo "test-abi3: no Python 3.9 found, skipped"; exit 0; fi
+	rm -rf dist build/py39
+	$(PYTHON) -m maturin build --release --out dist
+	$(OLDEST_PYTHON) -m venv build/py39
+	build/py39/bin/python -m pip install -q dist/*.whl pytest pytest-timeout
+	PATH="$(CURDIR)/build/py39/bin:$$PATH" build/py39/bin/python -m pytest -p no:cacheprovider
+
 bench: install
 	cargo bench --bench pipeline
 
 clean:
 	cargo clean
-	rm -rf dist .pytest_cache .ruff_cache .mypy_cache
+	rm -rf dist build .pytest_cache .ruff_cache .mypy_cache
