@@ -175,8 +175,10 @@ impl<O: Send + 'static> Stream<O> {
         }
     }
 
-    /// Waits up to `wait` for at least one result, then takes up to `max` without waiting more.
+    /// Waits up to `wait` for at least one result, then takes up to `max` (at least 1) without
+    /// waiting more.
     pub fn next_batch(&self, max: usize, wait: Duration) -> Batch<O> {
+        let max = max.max(1);
         let Some(rx) = lock(&self.results).clone() else {
             return self.end();
         };

@@ -1,0 +1,628 @@
+//! Integration tests of `wspool::Stream` against small WebSocket servers written here with the
+//! server side of tokio-tungstenite (or raw TCP), each on 127.0.0.1 on its own runtime and thread.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::Message;
+use wspool::{Batch, Data, DecodeMode, Error, Kind, Outgoing, Stream};
+
+use common::*;
+
+#[test]
+fn every_message_gives_one_result_then_a_clean_end() {
+    const N: u64 = 5000;
+    let server = serve_ws(|mut ws| async move {
+        send_texts(&mut ws, 0..N).await.expect("send");
+        close_with(&mut ws, 1000, "bye").await
+    });
+    let stream = Stream::start(
+        config(&server.url(), DecodeMode::Json, 4, 64),
+        Recorder::default(),
+    )
+    .expect("start");
+    connected(&stream);
+    let (mut results, end) = collect(&stream, Duration::from_secs(10));
+    assert_eq!(end, None);
+    assert_eq!(results.len() as u64, N);
+    results.sort_by_key(|r| r.id);
+    for (i, r) in (0..N).zip(&results) {
+        assert_eq!(r.id, i);
+        assert_eq!((r.kind, r.connection), (Kind::Text, 0));
+        let expected = json!({"seq": i, "text": format!("m{i}")});
+        assert_eq!(r.data, Ok(Data::Json(expected)), "message {i}");
+    }
+    let s = stream.stats();
+    assert_eq!(
+        (s.received, s.processed, s.failed, s.cancelled, s.in_flight),
+        (N, N, 0, 0, 0)
+    );
+    let bytes: usize = (0..N).map(|i| text_payload(i).len()).sum();
+    assert_eq!(s.bytes, bytes as u64);
+    joined(&stream);
+    // The client answered our close frame (echoing its code).
+    assert_eq!(server.finish(), Some(1000));
+}
+
+#[test]
+fn close_code_from_the_server_ends_with_an_error() {
+    let server = serve_ws(|mut ws| async move {
+        send_texts(&mut ws, 0..10).await.expect("send");
+        close_with(&mut ws, 1011, "boom").await
+    });
+    let stream = Stream::start(
+        config(&server.url(), DecodeMode::Text, 2, 16),
+        Recorder::default(),
+    )
+    .expect("start");
+    let (results, end) = collect(&stream, Duration::from_secs(5));
+    assert_eq!(results.len(), 10);
+    assert_eq!(
+        end,
+        Some(Error::Closed {
+            code: 1011,
+            reason: "boom".into()
+        })
+    );
+    let s = stream.stats();
+    assert_eq!((s.received, s.processed, s.in_flight), (10, 10, 0));
+    joined(&stream);
+    assert_eq!(server.finish(), Some(1011));
+}
+
+#[test]
+fn a_dropped_connection_ends_with_1006_after_every_result() {
+    let server = serve_ws(|mut ws| async move {
+        send_texts(&mut ws, 0..10).await.expect("send");
+        // No close frame: the TCP connection just goes.
+        drop(ws);
+    });
+    let stream = Stream::start(
+        config(&server.url(), DecodeMode::Json, 2, 16),
+        Recorder::default(),
+    )
+    .expect("start");
+    let (mut results, end) = collect(&stream, Duration::from_secs(5));
+    results.sort_by_key(|r| r.id);
+    assert_eq!(
+        results.iter().map(|r| r.id).collect::<Vec<_>>(),
+        (0..10).collect::<Vec<_>>()
+    );
+    match end {
+        Some(Error::Closed { code: 1006, reason }) => assert!(!reason.is_empty()),
+        other => panic!("expected Closed 1006, got {other:?}"),
+    }
+    joined(&stream);
+    server.finish();
+}
+
+#[test]
+fn a_refused_connection_names_the_url() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port();
+    // The listener is gone: nothing listens on `port` any more.
+    let url = format!("ws://127.0.0.1:{port}/feed");
+    let stream =
+        Stream::start(config(&url, DecodeMode::Text, 1, 4), Recorder::default()).expect("start");
+    let e = connect_error(&stream);
+    assert!(matches!(e, Error::Connect { .. }), "{e:?}");
+    assert!(e.to_string().contains(&url), "{e}");
+    // The error stays available, and the stream ends with it.
+    assert_eq!(
+        stream.wait_connected(Duration::from_secs(1)),
+        Some(Err(e.clone()))
+    );
+    let (results, end) = collect(&stream, Duration::from_secs(3));
+    assert!(results.is_empty());
+    assert_eq!(end, Some(e));
+    joined(&stream);
+}
+
+#[test]
+fn a_refused_upgrade_gives_the_http_status() {
+    let server = serve_tcp(|mut tcp| async move {
+        let mut request = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16_384 {
+            let n = tcp.read(&mut buf).await.expect("read the request");
+            if n == 0 {
+                break;
+            }
+            request.extend_from_slice(&buf[..n]);
+        }
+        tcp.write_all(
+            b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\n\
+              Content-Length: 13\r\nConnection: close\r\n\r\nno entry here",
+        )
+        .await
+        .expect("write the response");
+        tcp.shutdown().await.expect("shutdown");
+        // Wait (bounded by SERVER_LIMIT) for the client to go.
+        while tcp.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        String::from_utf8_lossy(&request).into_owned()
+    });
+    let stream = Stream::start(
+        config(&server.url(), DecodeMode::Text, 1, 4),
+        Recorder::default(),
+    )
+    .expect("start");
+    match connect_error(&stream) {
+        Error::Handshake { url, status, body } => {
+            assert_eq!(status, 403);
+            assert_eq!(url, server.url());
+            // The body is reported when it came with the head (it does here).
+            assert!(body.is_empty() || body == "no entry here", "{body:?}");
+        }
+        other => panic!("expected a handshake error, got {other:?}"),
+    }
+    joined(&stream);
+    let request = server.finish().to_ascii_lowercase();
+    assert!(request.starts_with("get / http/1.1\r\n"), "{request}");
+    assert!(request.contains("upgrade: websocket"), "{request}");
+}
+
+#[test]
+fn a_silent_server_times_out_within_open_timeout() {
+    let server = serve_tcp(|mut tcp| async move {
+        // Never answer; wait (bounded by SERVER_LIMIT) for the client to give up.
+        let mut buf = [0u8; 1024];
+        while tcp.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    });
+    let mut cfg = config(&server.url(), DecodeMode::Text, 1, 4);
+    cfg.open_timeout = Duration::from_millis(300);
+    let started = Instant::now();
+    let stream = Stream::start(cfg, Recorder::default()).expect("start");
+    let e = connect_error(&stream);
+    let took = started.elapsed();
+    match &e {
+        Error::Timeout { url, after } => {
+            assert_eq!(url, &server.url());
+            assert_eq!(*after, Duration::from_millis(300));
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(
+        took >= Duration::from_millis(280) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+    assert!(e.to_string().contains("timed out after 0.3 s"), "{e}");
+    joined(&stream);
+    server.finish();
+}
+
+#[test]
+fn subscribe_messages_and_headers_arrive_first_and_in_order() {
+    let server = serve_tcp(|tcp| async move {
+        let mut token = None;
+        // The signature is tungstenite's `Callback`; its error type is not ours to shrink.
+        #[allow(clippy::result_large_err)]
+        let callback = |request: &Request, response: Response| {
+            token = request
+                .headers()
+                .get("x-token")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            Ok(response)
+        };
+        let mut ws = tokio_tungstenite::accept_hdr_async(tcp, callback)
+            .await
+            .expect("handshake");
+        let mut first = Vec::new();
+        while first.len() < 3 {
+            let next = tokio::time::timeout(Duration::from_secs(3), ws.next()).await;
+            match next {
+                Ok(Some(Ok(msg))) => first.push(msg),
+                other => panic!("expected a subscribe message, got {other:?}"),
+            }
+        }
+        send_texts(&mut ws, 0..1).await.expect("send");
+        close_with(&mut ws, 1000, "").await;
+        (token, first)
+    });
+    let mut cfg = config(&server.url(), DecodeMode::Text, 1, 4);
+    cfg.headers = vec![("X-Token".into(), "secret".into())];
+    cfg.subscribe = vec![
+        Outgoing::Text("sub:a".into()),
+        Outgoing::Binary(vec![0, 1, 2, 255]),
+        Outgoing::Text("sub:b".into()),
+    ];
+    let stream = Stream::start(cfg, Recorder::default()).expect("start");
+    connected(&stream);
+    let (results, end) = collect(&stream, Duration::from_secs(5));
+    assert_eq!(end, None);
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].data, Ok(Data::Text(text_payload(0))));
+    joined(&stream);
+    let (token, first) = server.finish();
+    assert_eq!(token.as_deref(), Some("secret"));
+    assert_eq!(
+        first,
+        vec![
+            Message::text("sub:a"),
+            Message::binary(vec![0u8, 1, 2, 255]),
+            Message::text("sub:b"),
+        ]
+    );
+}
+
+#[test]
+fn a_slow_consumer_stops_the_reading() {
+    const N: u64 = 20_000;
+    const QUEUE: usize = 8;
+    const WORKERS: usize = 1;
+    let server = serve_ws(|mut ws| async move {
+        send_texts(&mut ws, 0..N).await.expect("send");
+        close_with(&mut ws, 1000, "").await
+    });
+    let processor = Recorder::sleeping(Duration::from_millis(1));
+    let stream = Stream::start(
+        config(&server.url(), DecodeMode::Text, WORKERS, QUEUE),
+        processor.clone(),
+    )
+    .expect("start");
+    connected(&stream);
+    // Pull nothing for 200 ms: the result queue fills, then the job queue, then reading stops
+    // (and TCP pushes back on the server).
+    let bound = (QUEUE * 2 + WORKERS + 4) as u64;
+    let pause = Instant::now();
+    let mut samples = Vec::new();
+    while pause.elapsed() < Duration::from_millis(200) {
+        std::thread::sleep(Duration::from_millis(20));
+        samples.push(stream.stats().received);
+    }
+    let most = samples.iter().copied().max().unwrap_or(0);
+    assert!(most > 0, "nothing was read: {samples:?}");
+    assert!(
+        most <= bound,
+        "read {most} > {bound} while paused: {samples:?}"
+    );
+    // Reading had stopped: the last samples agree.
+    let tail = &samples[samples.len() - 3..];
+    assert!(tail.iter().all(|&r| r == tail[0]), "{samples:?}");
+    // 20,000 jobs at 1 ms each would take 20 s: drop the per-job sleep, then pull everything.
+    processor.set_delay(Duration::ZERO);
+    let (results, end) = collect(&stream, Duration::from_secs(10));
+    assert_eq!(end, None);
+    // One worker: results come in receipt order.
+    assert!(results.iter().map(|r| r.id).eq(0..N));
+    let s = stream.stats();
+    assert_eq!((s.received, s.processed, s.in_flight), (N, N, 0));
+    joined(&stream);
+    assert_eq!(server.finish(), Some(1000));
+}
+
+#[test]
+fn close_lets_every_received_message_finish() {
+    let server = serve_ws(|ws| stream_until_closed(ws, 1, Duration::from_millis(1)));
+    let stream = Stream::start(
+        config(&server.url(), DecodeMode::Json, 2, 16),
+        Recorder::sleeping(Duration::from_micros(200)),
+    )
+    .expect("start");
+    connected(&stream);
+    let mut results = Vec::new();
+    let end = pull_until(&stream, &mut results, Duration::from_secs(5), |r| {
+        r.len() >= 30
+    });
+    assert!(end.is_none(), "the stream ended early: {end:?}");
+    stream.close();
+    stream.close(); // idempotent
+    let (rest, end) = collect(&stream, Duration::from_secs(5));
+    results.extend(rest);
+    assert_eq!(end, None);
+    let s = stream.stats();
+    assert_eq!(results.len() as u64, s.received);
+    assert_eq!(
+        (s.processed, s.failed, s.cancelled, s.in_flight),
+        (s.received, 0, 0, 0)
+    );
+    let mut ids: Vec<u64> = results.iter().map(|r| r.id).collect();
+    ids.sort_unstable();
+    assert!(ids.into_iter().eq(0..s.received));
+    joined(&stream);
+    let saw = server.finish();
+    assert_eq!(saw.close, Some(1000), "{saw:?}");
+    assert!(saw.sent >= s.received, "{saw:?} {s:?}");
+}
+
+#[test]
+fn cancel_drops_queued_jobs_and_counts_them() {
+    let server = serve_ws(|ws| stream_until_closed(ws, 50, Duration::from_millis(1)));
+    let stream = Stream::start(
+        config(&server.url(), DecodeMode::Json, 2, 16),
+        Recorder::sleeping(Duration::from_millis(2)),
+    )
+    .expect("start");
+    connected(&stream);
+    let mut results = Vec::new();
+    let end = pull_until(&stream, &mut results, Duration::from_secs(5), |r| {
+        r.len() >= 10
+    });
+    assert!(end.is_none(), "the stream ended early: {end:?}");
+    // Let the queues fill up behind the slow workers.
+    std::thread::sleep(Duration::from_millis(100));
+    stream.cancel();
+    joined(&stream);
+    let s = stream.stats();
+    assert!(s.cancelled > 0, "{s:?}");
+    assert_eq!(s.received, s.processed + s.failed + s.cancelled, "{s:?}");
+    assert_eq!(s.in_flight, 0);
+    // Results not taken are dropped with the result queue.
+    assert!(results.len() as u64 <= s.processed);
+    assert!(matches!(
+        stream.next_batch(10, Duration::from_millis(10)),
+        Batch::End(None)
+    ));
+    let saw = server.finish();
+    // The close frame goes out, but the client does not wait for the reply, so the server may
+    // see the connection reset first.
+    assert!(saw.close.is_none_or(|c| c == 1000), "{saw:?}");
+}
+
+#[test]
+fn the_overall_timeout_closes_gracefully() {
+    let server = serve_ws(|ws| stream_until_closed(ws, 1, Duration::from_millis(1)));
+    let mut cfg = config(&server.url(), DecodeMode::Json, 2, 16);
+    cfg.timeout = Some(Duration::from_millis(300));
+    let started = Instant::now();
+    let stream = Stream::start(cfg, Recorder::default()).expect("start");
+    let (results, end) = collect(&stream, Duration::from_secs(5));
+    let took = started.elapsed();
+    assert_eq!(end, None);
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    let s = stream.stats();
+    assert!(!results.is_empty());
+    assert_eq!(results.len() as u64, s.received);
+    joined(&stream);
+    assert_eq!(server.finish().close, Some(1000));
+}
+
+#[test]
+fn decode_modes_report_errors_and_keep_bytes() {
+    let frames = vec![
+        Message::text("not json"),
+        Message::binary(vec![0u8, 159, 146, 150, 255]),
+        Message::text("{\"a\":[1,2]}"),
+    ];
+    let run = move |mode: DecodeMode| {
+        let frames = frames.clone();
+        let server = serve_ws(move |mut ws| async move {
+            for frame in frames {
+                ws.feed(frame).await.expect("feed");
+            }
+            ws.flush().await.expect("flush");
+            close_with(&mut ws, 1000, "").await;
+        });
+        let stream =
+            Stream::start(config(&server.url(), mode, 1, 4), Recorder::default()).expect("start");
+        let (results, end) = collect(&stream, Duration::from_secs(5));
+        assert_eq!(end, None);
+        let stats = stream.stats();
+        joined(&stream);
+        server.finish();
+        (results, stats)
+    };
+
+    let (json, stats) = run(DecodeMode::Json);
+    assert_eq!(json.len(), 3);
+    let message = json[0].data.clone().expect_err("not json");
+    assert!(
+        message.starts_with("payload is not valid JSON"),
+        "{message}"
+    );
+    assert!(json[1].data.is_err());
+    assert_eq!(json[2].data, Ok(Data::Json(json!({"a": [1, 2]}))));
+    assert_eq!((stats.processed, stats.failed), (1, 2));
+
+    let (bytes, stats) = run(DecodeMode::Bytes);
+    assert_eq!(bytes[0].data, Ok(Data::Bytes("not json".into())));
+    assert_eq!(bytes[1].kind, Kind::Binary);
+    assert_eq!(
+        bytes[1].data,
+        Ok(Data::Bytes(vec![0u8, 159, 146, 150, 255].into()))
+    );
+    assert_eq!((stats.processed, stats.failed), (3, 0));
+
+    let (text, stats) = run(DecodeMode::Text);
+    assert_eq!(text[0].data, Ok(Data::Text("not json".into())));
+    let message = text[1].data.clone().expect_err("invalid UTF-8");
+    assert!(
+        message.starts_with("binary payload is not valid UTF-8"),
+        "{message}"
+    );
+    assert_eq!((stats.processed, stats.failed), (2, 1));
+}
+
+#[test]
+fn a_panicking_job_yields_an_error_result_and_the_stream_goes_on() {
+    let server = serve_ws(|mut ws| async move {
+        ws.feed(Message::text("a")).await.expect("feed");
+        ws.feed(Message::text("panic")).await.expect("feed");
+        ws.feed(Message::text("b")).await.expect("feed");
+        ws.flush().await.expect("flush");
+        close_with(&mut ws, 1000, "").await;
+    });
+    let stream = Stream::start(
+        config(&server.url(), DecodeMode::Text, 1, 4),
+        Recorder::default(),
+    )
+    .expect("start");
+    let (results, end) = collect(&stream, Duration::from_secs(5));
+    assert_eq!(end, None);
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[0].data, Ok(Data::Text("a".into())));
+    let message = results[1].data.clone().expect_err("panicked");
+    assert!(
+        message.contains("job 1 panicked: deliberate panic"),
+        "{message}"
+    );
+    assert_eq!(results[2].data, Ok(Data::Text("b".into())));
+    let s = stream.stats();
+    assert_eq!((s.processed, s.failed), (2, 1));
+    joined(&stream);
+    server.finish();
+}
+
+#[test]
+fn pings_are_answered_and_carry_no_job() {
+    let server = serve_ws(|mut ws| async move {
+        ws.send(Message::Ping("are you there".into()))
+            .await
+            .expect("ping");
+        send_texts(&mut ws, 0..2).await.expect("send");
+        let pong = tokio::time::timeout(Duration::from_secs(3), ws.next()).await;
+        close_with(&mut ws, 1000, "").await;
+        format!("{pong:?}")
+    });
+    let stream = Stream::start(
+        config(&server.url(), DecodeMode::Text, 1, 4),
+        Recorder::default(),
+    )
+    .expect("start");
+    let (results, end) = collect(&stream, Duration::from_secs(5));
+    assert_eq!(end, None);
+    assert_eq!(results.iter().map(|r| r.id).collect::<Vec<_>>(), [0, 1]);
+    joined(&stream);
+    let pong = server.finish();
+    assert!(
+        pong.contains("Pong") && pong.contains("are you there"),
+        "{pong}"
+    );
+}
+
+#[test]
+fn dropping_the_stream_closes_the_connection() {
+    let server = serve_ws(|ws| stream_until_closed(ws, 1, Duration::from_millis(1)));
+    let stream = Stream::start(
+        config(&server.url(), DecodeMode::Text, 2, 16),
+        Recorder::default(),
+    )
+    .expect("start");
+    let mut results = Vec::new();
+    let end = pull_until(&stream, &mut results, Duration::from_secs(5), |r| {
+        r.len() >= 5
+    });
+    assert!(end.is_none());
+    let started = Instant::now();
+    drop(stream);
+    let saw = server.finish();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(saw.close == Some(1000) || saw.error.is_some(), "{saw:?}");
+}
+
+#[test]
+fn bad_arguments_fail_before_any_thread_starts() {
+    let bad = |url: &str, workers: usize, queue: usize| {
+        Stream::start(
+            config(url, DecodeMode::Text, workers, queue),
+            Recorder::default(),
+        )
+        .err()
+        .expect("start should fail")
+    };
+    assert!(matches!(
+        bad("http://127.0.0.1:1/", 1, 1),
+        Error::InvalidUrl { .. }
+    ));
+    assert!(matches!(
+        bad("ws://127.0.0.1:1/", 0, 1),
+        Error::InvalidArgument(_)
+    ));
+    assert!(matches!(
+        bad("ws://127.0.0.1:1/", 1, 0),
+        Error::InvalidArgument(_)
+    ));
+}
+
+/// Regression: a cancel that arrives while the read loop waits on a full job queue must count
+/// the job in hand exactly once (it was once counted by the read loop as cancelled although flume
+/// had already moved it into the queue, and then again by a worker).
+#[test]
+fn cancel_under_backpressure_counts_each_job_once() {
+    for round in 0..10 {
+        let server = serve_ws(|ws| stream_until_closed(ws, 50, Duration::from_millis(1)));
+        let stream = Stream::start(
+            config(&server.url(), DecodeMode::Text, 2, 4),
+            Recorder::default(),
+        )
+        .expect("start");
+        connected(&stream);
+        // Pull nothing: both queues fill, the workers block on the result queue and the read
+        // loop blocks on the job queue with one more job in hand.
+        std::thread::sleep(Duration::from_millis(50));
+        stream.cancel();
+        joined(&stream);
+        let s = stream.stats();
+        assert_eq!(
+            s.received,
+            s.processed + s.failed + s.cancelled,
+            "round {round}: {s:?}"
+        );
+        server.finish();
+    }
+}
+
+/// Regression: after a successful connect, `wait_connected` stays `Some(Ok)` even once the stream
+/// has ended with an error (it used to answer with the end error).
+#[test]
+fn wait_connected_stays_ok_after_an_abnormal_end() {
+    let server = serve_ws(|mut ws| async move {
+        send_texts(&mut ws, 0..3).await.expect("send");
+        close_with(&mut ws, 1011, "boom").await
+    });
+    let stream = Stream::start(
+        config(&server.url(), DecodeMode::Text, 1, 4),
+        Recorder::default(),
+    )
+    .expect("start");
+    connected(&stream);
+    let (results, end) = collect(&stream, Duration::from_secs(5));
+    assert_eq!(results.len(), 3);
+    assert!(matches!(end, Some(Error::Closed { code: 1011, .. })));
+    assert_eq!(
+        stream.wait_connected(Duration::from_millis(10)),
+        Some(Ok(()))
+    );
+    joined(&stream);
+    server.finish();
+}
+
+/// Regression: the end error is recorded before `End` can be reported (the read loop used to
+/// close the job queue first, so `End(None)` came in ~5-10% of runs). Runs the
+/// drop-without-close-frame case 100 times and wants the error every time.
+#[test]
+fn the_end_error_is_set_before_the_end_is_reported() {
+    let mut lost = 0;
+    for _ in 0..100 {
+        let server = serve_ws(|mut ws| async move {
+            send_texts(&mut ws, 0..3).await.expect("send");
+        });
+        let stream = Stream::start(
+            config(&server.url(), DecodeMode::Bytes, 1, 4),
+            Recorder::default(),
+        )
+        .expect("start");
+        let (results, end) = collect(&stream, Duration::from_secs(5));
+        assert_eq!(results.len(), 3);
+        if end.is_none() {
+            lost += 1;
+        }
+        joined(&stream);
+        server.finish();
+    }
+    assert_eq!(
+        lost, 0,
+        "End(None) instead of Closed 1006 in {lost} runs of 100"
+    );
+}
