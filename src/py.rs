@@ -456,10 +456,7 @@ impl Drop for NativeStream {
     /// threads (a handler holding it): that thread cannot wait for itself.
     fn drop(&mut self) {
         self.inner.cancel();
-        let own_thread = std::thread::current()
-            .name()
-            .is_some_and(|n| n.starts_with("wspool-"));
-        if !own_thread {
+        if !crate::stream::on_stream_thread() {
             let (inner, wait) = (&self.inner, self.close_timeout);
             Python::try_attach(|py| py.detach(|| inner.join(wait)));
         }
@@ -500,13 +497,11 @@ impl NativeStream {
         close_timeout: f64,
     ) -> PyResult<Self> {
         let seconds = |name: &str, v: f64| {
-            if v.is_finite() && v >= 0.0 {
-                Ok(Duration::from_secs_f64(v))
-            } else {
-                Err(PyValueError::new_err(format!(
-                    "{name} must be a non-negative number of seconds, not {v}"
-                )))
-            }
+            Duration::try_from_secs_f64(v).map_err(|_| {
+                PyValueError::new_err(format!(
+                    "{name} must be a non-negative, finite number of seconds, not {v}"
+                ))
+            })
         };
         let mut config = Config::new(url);
         config.workers = workers;
@@ -589,11 +584,19 @@ impl NativeStream {
     }
 }
 
+/// True when called on one of a stream's native threads (a worker running a handler): there,
+/// `close()` and `cancel()` only ask, since the thread cannot wait for its own stream.
+#[pyfunction]
+fn on_stream_thread() -> bool {
+    crate::stream::on_stream_thread()
+}
+
 /// The native core of wspool (read loop, worker pool, queues). Use the `wspool` package.
 #[pymodule]
 #[pyo3(name = "_native")]
 fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeStream>()?;
+    m.add_function(wrap_pyfunction!(on_stream_thread, m)?)?;
     m.add_class::<PyJob>()?;
     m.add_class::<PyJobResult>()?;
     m.add_class::<PyStats>()?;

@@ -111,28 +111,22 @@ impl<O: Send + 'static> Stream<O> {
             .name("wspool-io".into())
             .spawn(move || {
                 let _guard = guard;
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let e = Error::Internal(format!("cannot start the I/O runtime: {e}"));
-                        io_shared.set_error(e.clone());
-                        let _ = connected_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let reader = Reader {
-                    jobs: jobs_tx,
-                    control: control_rx,
-                    shared: io_shared,
-                    deadline: config.timeout.map(|t| tokio::time::Instant::now() + t),
-                    close_timeout: config.close_timeout,
-                    connection: 0,
-                    next_id: 0,
-                };
-                runtime.block_on(open_and_read(request, config, reader, connected_tx));
+                let shared = io_shared.clone();
+                // A panic here must not leave the consumer believing the stream ended normally.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    io_main(
+                        request,
+                        config,
+                        jobs_tx,
+                        control_rx,
+                        io_shared,
+                        connected_tx,
+                    )
+                }));
+                if let Err(payload) = ran {
+                    let msg = crate::errors::panic_message(payload.as_ref());
+                    shared.set_error(Error::Internal(format!("the I/O thread panicked: {msg}")));
+                }
             });
         match io {
             Ok(handle) => threads.push(handle),
@@ -167,10 +161,14 @@ impl<O: Send + 'static> Stream<O> {
             }
             Ok(Err(e)) => Some(Err(e)),
             Err(flume::RecvTimeoutError::Timeout) => None,
-            // The failure was reported already, or the stream was closed before it connected.
+            // The failure was reported already, the stream was closed before it connected, or
+            // the I/O thread ended without a word (a bug: say so rather than pretend).
             Err(flume::RecvTimeoutError::Disconnected) => Some(match self.shared.error() {
                 Some(e) => Err(e),
-                None => Ok(()),
+                None if *self.control.borrow() != Control::Run => Ok(()),
+                None => Err(Error::Internal(
+                    "the I/O thread ended before the connection opened".into(),
+                )),
             }),
         }
     }
@@ -217,6 +215,7 @@ impl<O: Send + 'static> Stream<O> {
         self.shared.set_cancelled();
         self.control.send_replace(Control::Cancel);
         lock(&self.results).take();
+        self.shared.mark_ended();
     }
 
     /// Waits up to `wait` for every thread of the stream to end; true when they all have.
@@ -232,6 +231,7 @@ impl<O: Send + 'static> Stream<O> {
                 while self.leftover_jobs.try_recv().is_ok() {
                     self.shared.on_cancelled();
                 }
+                self.shared.mark_ended();
                 return true;
             }
             drop(threads);
@@ -251,11 +251,56 @@ impl<O: Send + 'static> Stream<O> {
     }
 }
 
+/// True on one of the threads a stream runs (its read loop or a worker): such a thread must
+/// never wait for its own stream to end.
+pub fn on_stream_thread() -> bool {
+    std::thread::current()
+        .name()
+        .is_some_and(|n| n.starts_with("wspool-"))
+}
+
 impl<O> Drop for Stream<O> {
     fn drop(&mut self) {
         self.shared.set_cancelled();
         self.control.send_replace(Control::Cancel);
     }
+}
+
+/// Body of the I/O thread: one single-threaded runtime for this stream's connection.
+fn io_main(
+    request: ws::Request,
+    config: Config,
+    jobs: flume::Sender<Job>,
+    control: watch::Receiver<Control>,
+    shared: Arc<Shared>,
+    connected: flume::Sender<Result<(), Error>>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let e = Error::Internal(format!("cannot start the I/O runtime: {e}"));
+            shared.set_error(e.clone());
+            let _ = connected.send(Err(e));
+            return;
+        }
+    };
+    // An absurdly far deadline (overflow) is no deadline.
+    let deadline = config
+        .timeout
+        .and_then(|t| tokio::time::Instant::now().checked_add(t));
+    let reader = Reader {
+        jobs,
+        control,
+        shared,
+        deadline,
+        close_timeout: config.close_timeout,
+        connection: 0,
+        next_id: 0,
+    };
+    runtime.block_on(open_and_read(request, config, reader, connected));
 }
 
 async fn open_and_read(
@@ -283,7 +328,12 @@ async fn open_and_read(
 }
 
 async fn open(request: ws::Request, config: &Config) -> Result<ws::WsStream, Error> {
-    let mut ws = ws::connect(request, config.open_timeout).await?;
+    // The overall deadline bounds the opening too.
+    let open_timeout = match config.timeout {
+        Some(t) => t.min(config.open_timeout),
+        None => config.open_timeout,
+    };
+    let mut ws = ws::connect(request, open_timeout).await?;
     ws::subscribe(&mut ws, &config.subscribe).await?;
     Ok(ws)
 }

@@ -72,6 +72,18 @@ pub fn prepare_request(url: &str, headers: &[(String, String)]) -> Result<Reques
     Ok(request)
 }
 
+/// The URL as errors show it: without `user:password@`.
+fn redacted(uri: &tokio_tungstenite::tungstenite::http::Uri) -> String {
+    let text = uri.to_string();
+    match uri.authority() {
+        Some(a) if a.as_str().contains('@') => {
+            let host = a.as_str().rsplit('@').next().unwrap_or_default();
+            text.replacen(a.as_str(), host, 1)
+        }
+        _ => text,
+    }
+}
+
 fn tls_connector() -> Result<Connector, Error> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -86,7 +98,7 @@ fn tls_connector() -> Result<Connector, Error> {
 
 /// Connects and completes the opening handshake within `open_timeout`.
 pub async fn connect(request: Request, open_timeout: Duration) -> Result<WsStream, Error> {
-    let url = request.uri().to_string();
+    let url = redacted(request.uri());
     let connector = if request.uri().scheme_str() == Some("wss") {
         Some(tls_connector()?)
     } else {
@@ -318,6 +330,14 @@ mod tests {
         assert!(reason("not a url").contains("relative URL"));
         assert!(reason("ws://127.0.0.1:99999/").contains("invalid port"));
         assert!(!reason("ws://").is_empty());
+    }
+
+    #[test]
+    fn errors_do_not_show_credentials() {
+        let r = prepare_request("ws://user:secret@h:1/p", &[]).unwrap();
+        assert_eq!(redacted(r.uri()), "ws://h:1/p");
+        let r = prepare_request("wss://h/p?q=1", &[]).unwrap();
+        assert_eq!(redacted(r.uri()), "wss://h/p?q=1");
     }
 
     #[test]

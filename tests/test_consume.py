@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 
@@ -376,3 +377,106 @@ def test_an_exception_in_the_block_still_closes_gracefully(mock_server):
     stats = stream.stats
     assert stats.cancelled == 0 and stats.in_flight == 0 and stats.threads == 0
     assert len(delivered) == stats.received
+
+
+def test_close_from_a_handler_ends_the_stream(mock_server, threads):
+    server = mock_server(count=1_000_000, rate=2000)
+    threads.mark()
+    holder = {}
+
+    def handler(job):
+        if job.id == 30:
+            holder["stream"].close()  # on a pool thread: only asks
+        return job.id
+
+    start = time.monotonic()
+    with wspool.consume(server.url, handler, workers=2) as stream:
+        holder["stream"] = stream
+        results = list(stream)
+    assert time.monotonic() - start < 3
+    assert len(results) == stream.stats.received >= 31
+    threads.assert_back()
+
+
+def test_cancel_from_a_handler_ends_the_stream(mock_server, threads):
+    server = mock_server(count=1_000_000, rate=2000)
+    threads.mark()
+    holder = {}
+
+    def handler(job):
+        if job.id == 30:
+            holder["stream"].cancel()
+
+    start = time.monotonic()
+    with wspool.consume(server.url, handler, workers=2) as stream:
+        holder["stream"] = stream
+        for _ in stream:
+            pass
+    assert time.monotonic() - start < 3
+    stats = stream.stats
+    assert stats.threads == 0 and stats.in_flight == 0
+    threads.assert_back()
+
+
+def test_on_result_that_raises_once_still_sees_every_result(mock_server):
+    server = mock_server(count=2000)
+    seen = []
+
+    def on_result(result):
+        seen.append(result.job.id)
+        if len(seen) == 3:
+            raise RuntimeError("on_result failed once")
+
+    stream = wspool.consume(server.url, on_result=on_result)
+    with pytest.raises(RuntimeError):
+        with stream:
+            for _ in stream:
+                pass
+    assert sorted(seen) == list(range(stream.stats.received))
+    assert stream.stats.threads == 0
+
+
+def test_elapsed_stops_when_the_stream_is_cancelled(mock_server):
+    server = mock_server(count=1_000_000, rate=1000)
+    stream = wspool.consume(server.url)
+    next(stream)
+    stream.cancel()
+    first = stream.stats.elapsed
+    time.sleep(0.2)
+    assert stream.stats.elapsed == first
+
+
+def test_huge_or_bad_durations(mock_server):
+    server = mock_server(count=100)
+    # Far beyond any clock: no deadline at all, every message still arrives.
+    assert wspool.run(server.url, timeout=sys.maxsize).processed == 100
+    for kwargs in ({"timeout": 1e20}, {"close_timeout": float("inf")}, {"open_timeout": -1}):
+        with pytest.raises(ValueError):
+            wspool.consume(server.url, **kwargs)
+
+
+def test_timeout_bounds_the_opening_too():
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    start = time.monotonic()
+    try:
+        with pytest.raises(wspool.Timeout):
+            wspool.consume(f"ws://127.0.0.1:{listener.getsockname()[1]}/", timeout=0.3)
+    finally:
+        listener.close()
+    assert time.monotonic() - start < 2.0
+
+
+def test_errors_do_not_show_credentials():
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    with pytest.raises(wspool.ConnectError) as info:
+        wspool.consume(f"ws://user:s3cret@127.0.0.1:{port}/")
+    assert "s3cret" not in str(info.value) and "s3cret" not in info.value.url

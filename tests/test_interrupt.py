@@ -122,3 +122,38 @@ def test_interpreter_exits_cleanly_with_a_live_stream(run_script, ending):
         _out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
         assert "Fatal Python error" not in err and "panicked" not in err
+
+
+SLOW = """
+import time, wspool
+from wspool.testing import MockServer
+
+server = MockServer(count=10_000_000, rate=50).start()
+try:
+    with wspool.consume(server.url, lambda job: time.sleep(5), workers=2) as stream:
+        print("ready", flush=True)
+        for result in stream:
+            pass
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    raise
+"""
+
+
+def test_sigint_does_not_wait_for_a_slow_handler(run_script):
+    proc = run_script(SLOW)
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    time.sleep(0.5)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert proc.stdout.readline().strip() == "interrupted"
+    assert time.monotonic() - sent < 0.5
+    # The exit then waits for the running handlers (finalizing under them would crash);
+    # a second Ctrl-C quits at once.
+    time.sleep(0.3)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=5)
+    assert time.monotonic() - sent < 2.0
+    assert proc.returncode == 130, err
+    assert "Fatal Python error" not in err

@@ -78,6 +78,9 @@ class Stats:
     def as_dict(self) -> dict[str, Union[int, float]]:
         """The counters as a dict."""
 
+def on_stream_thread() -> bool:
+    """True when called on one of a stream's native threads (a worker running a handler)."""
+
 @final
 class NativeStream:
     """The native half of ``wspool.Stream``; use ``wspool.consume()`` instead."""

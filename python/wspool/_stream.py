@@ -7,6 +7,7 @@ import atexit
 import collections
 import json
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -26,6 +27,8 @@ Subscribe = Union[SubscribeItem, Iterable[SubscribeItem], None]
 Headers = Union[Mapping[str, str], Iterable["tuple[str, str]"], None]
 
 _DECODES = ("bytes", "text", "json")
+# How long leaving a stream by KeyboardInterrupt waits for running jobs.
+_INTERRUPT_WAIT = 0.2
 
 
 def _subscribe_messages(subscribe: Subscribe) -> list[Union[str, bytes]]:
@@ -62,16 +65,35 @@ def _header_pairs(headers: Headers) -> list[tuple[str, str]]:
     return out
 
 
-# Streams not finished yet. At interpreter exit they are cancelled and their threads joined
-# before finalization starts: a native worker still inside a Python handler while the
-# interpreter finalizes would abort the process.
+# Streams whose threads may still run. At interpreter exit they are cancelled and their threads
+# joined before finalization starts: a native worker returning from a Python handler while the
+# interpreter finalizes would abort the process, so the exit waits for running handlers.
 _live: weakref.WeakSet[Stream] = weakref.WeakSet()
 
 
 @atexit.register
 def _cancel_live_streams() -> None:
-    for stream in list(_live):
-        stream.cancel()
+    streams = list(_live)
+    for stream in streams:
+        stream._native.cancel()
+    try:
+        for stream in streams:
+            if stream._native.join(stream._close_timeout):
+                continue
+            print(
+                "wspool: waiting at exit for handlers that are still running (Ctrl-C to quit now)",
+                file=sys.stderr,
+                flush=True,
+            )
+            stream._native.join(None)
+    except KeyboardInterrupt:
+        # Finalizing now would crash when those handlers return: leave without it.
+        for out in (sys.stdout, sys.stderr):
+            try:
+                out.flush()
+            except Exception:
+                pass
+        os._exit(130)
 
 
 class Stream:
@@ -87,9 +109,11 @@ class Stream:
 
     As a context manager, leaving the ``with`` block closes gracefully: reading stops, a close
     frame is sent, the jobs already received finish and their results go to ``on_result``, and
-    every native thread ends before ``__exit__`` returns. Leaving it by KeyboardInterrupt or
-    another BaseException cancels instead (queued jobs are dropped and counted in
-    ``stats.cancelled``; running ones still end).
+    every native thread ends before ``__exit__`` returns (a handler still running after
+    ``close_timeout`` finishes in the background; interpreter exit waits for it). Leaving it by
+    KeyboardInterrupt or another BaseException cancels instead, without waiting more than
+    0.2 s: queued jobs are dropped and counted in ``stats.cancelled``; handlers already running
+    finish in the background.
     """
 
     def __init__(
@@ -104,6 +128,8 @@ class Stream:
         self._close_timeout = close_timeout
         self._batch_size = batch_size
         self._buffer: collections.deque[Result] = collections.deque()
+        # Results not yet passed to on_result (if it raised, the rest wait here).
+        self._undelivered: collections.deque[Result] = collections.deque()
         self._lock = threading.RLock()
         self._delivering = False
         self._finished = False
@@ -127,9 +153,10 @@ class Stream:
         return buffer.popleft()
 
     def _fill(self) -> bool:
-        """Moves one batch from the native side into the buffer, calling ``on_result`` on each
-        result. False once the stream is over."""
+        """Moves one batch from the native side into the buffer and passes each result to
+        ``on_result``. False once the stream is over."""
         with self._lock:
+            self._deliver()
             if self._finished:
                 return False
             try:
@@ -140,23 +167,35 @@ class Stream:
             if batch is None:
                 self._finish(None)
                 return False
-            # Buffered first: if on_result raises, the batch is still there for the iterator.
+            # Buffered first: if on_result raises, the batch is still there for the iterator,
+            # and the results it has not seen yet are passed to it on the next fill or close.
             self._buffer.extend(batch)
-            on_result = self._on_result
-            if on_result is not None:
-                self._delivering = True
-                try:
-                    for result in batch:
-                        on_result(result)
-                finally:
-                    self._delivering = False
+            if self._on_result is not None:
+                self._undelivered.extend(batch)
+                self._deliver()
             return True
+
+    def _deliver(self) -> None:
+        on_result, pending = self._on_result, self._undelivered
+        if on_result is None or not pending:
+            return
+        self._delivering = True
+        try:
+            while pending:
+                on_result(pending.popleft())
+        finally:
+            self._delivering = False
 
     def _finish(self, error: Optional[BaseException]) -> None:
         self._finished = True
         self._error = error
-        self._native.join(self._close_timeout)
-        _live.discard(self)
+        self._join(self._close_timeout)
+
+    def _join(self, timeout: float) -> None:
+        # Threads still inside a handler after `timeout` end when it returns; the exit hook
+        # waits for them.
+        if self._native.join(timeout):
+            _live.discard(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -165,19 +204,22 @@ class Stream:
         finish, deliver their results (to ``on_result`` now; to the iterator, which yields them
         and then stops) and end the native threads.
 
-        Called from inside ``on_result`` or while another thread iterates, it only asks for the
-        close and returns; the iteration in progress delivers the rest. An error that ended the
-        connection is not raised here; the iterator raises it after the buffered results.
+        Called from a handler, from inside ``on_result`` or while another thread iterates, it
+        only asks for the close and returns; the iteration in progress delivers the rest. An
+        error that ended the connection is not raised here; the iterator raises it after the
+        buffered results.
         """
         self._native.close()
-        if self._delivering or not self._lock.acquire(blocking=False):
+        if self._delivering or _native.on_stream_thread():
+            return
+        if not self._lock.acquire(blocking=False):
             return
         try:
             while self._fill():
                 pass
         except BaseException:
             # on_result raised, or Ctrl-C during the drain: the stream still ends, abruptly.
-            self.cancel()
+            self._abort(self._close_timeout)
             raise
         finally:
             self._lock.release()
@@ -185,14 +227,19 @@ class Stream:
     def cancel(self) -> None:
         """Aborts: stop reading, send a close frame, drop the queued jobs (counted in
         ``stats.cancelled``) and the results not yet delivered. Jobs already running finish
-        (threads cannot be interrupted); this waits up to ``close_timeout`` for them."""
+        (threads cannot be interrupted); this waits up to ``close_timeout`` for them. Called
+        from a handler, it only asks; the consuming thread ends the stream."""
+        self._native.cancel()
+        if _native.on_stream_thread():
+            return
+        self._abort(self._close_timeout)
+
+    def _abort(self, wait: float) -> None:
         self._native.cancel()
         self._buffer.clear()
+        self._undelivered.clear()
         self._finished = True
-        try:
-            self._native.join(self._close_timeout)
-        finally:
-            _live.discard(self)
+        self._join(wait)
 
     def __enter__(self) -> Stream:
         return self
@@ -206,7 +253,9 @@ class Stream:
         if exc_type is None or issubclass(exc_type, Exception):
             self.close()
         else:
-            self.cancel()
+            # Ctrl-C (or SystemExit) must not wait for a slow handler: give running jobs a
+            # moment, then leave; those still running end in the background.
+            self._abort(min(self._close_timeout, _INTERRUPT_WAIT))
 
     # -- state -------------------------------------------------------------------------------
 
