@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -46,6 +47,26 @@ def threads() -> ThreadCounter:
     """A ThreadCounter marked at the start of the test; call `mark()` again after starting a
     mock server (its thread is not the stream's)."""
     return ThreadCounter()
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port nothing listens on (connecting is refused)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+@pytest.fixture
+def silent_url():
+    """A ws:// URL whose listener accepts TCP but never answers the handshake."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    yield f"ws://127.0.0.1:{listener.getsockname()[1]}/"
+    listener.close()
 
 
 @pytest.fixture

@@ -110,14 +110,8 @@ def test_bad_json_is_a_decode_error_and_the_stream_goes_on(mock_server):
     assert sorted(job.id for job in calls) == [0, 2]
 
 
-def test_refused_port_is_a_connect_error(threads):
-    import socket
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    url = f"ws://127.0.0.1:{port}/feed"
+def test_refused_port_is_a_connect_error(threads, closed_port):
+    url = f"ws://127.0.0.1:{closed_port}/feed"
     with pytest.raises(wspool.ConnectError) as info:
         wspool.consume(url)
     assert url in str(info.value)
@@ -327,19 +321,11 @@ def test_results_and_jobs_repr(mock_server):
     assert repr(result.job).startswith('Job(id=0, type="text", connection=0, size=10')
 
 
-def test_silent_listener_is_a_timeout(threads):
-    import socket
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    url = f"ws://127.0.0.1:{listener.getsockname()[1]}/"
+def test_silent_listener_is_a_timeout(threads, silent_url):
+    url = silent_url
     start = time.monotonic()
-    try:
-        with pytest.raises(wspool.Timeout) as info:
-            wspool.consume(url, open_timeout=0.3)
-    finally:
-        listener.close()
+    with pytest.raises(wspool.Timeout) as info:
+        wspool.consume(url, open_timeout=0.3)
     assert 0.25 <= time.monotonic() - start < 2.0
     assert url in str(info.value) and isinstance(info.value, TimeoutError)
     threads.assert_back()
@@ -455,28 +441,14 @@ def test_huge_or_bad_durations(mock_server):
             wspool.consume(server.url, **kwargs)
 
 
-def test_timeout_bounds_the_opening_too():
-    import socket
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
+def test_timeout_bounds_the_opening_too(silent_url):
     start = time.monotonic()
-    try:
-        with pytest.raises(wspool.Timeout):
-            wspool.consume(f"ws://127.0.0.1:{listener.getsockname()[1]}/", timeout=0.3)
-    finally:
-        listener.close()
+    with pytest.raises(wspool.Timeout):
+        wspool.consume(silent_url, timeout=0.3)
     assert time.monotonic() - start < 2.0
 
 
-def test_errors_do_not_show_credentials():
-    import socket
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+def test_errors_do_not_show_credentials(closed_port):
     with pytest.raises(wspool.ConnectError) as info:
-        wspool.consume(f"ws://user:s3cret@127.0.0.1:{port}/")
+        wspool.consume(f"ws://user:s3cret@127.0.0.1:{closed_port}/")
     assert "s3cret" not in str(info.value) and "s3cret" not in info.value.url
