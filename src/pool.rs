@@ -40,7 +40,7 @@ pub fn spawn<P: Processor>(
             let guard = shared.thread_guard();
             let shared = shared.clone();
             std::thread::Builder::new()
-                .name(format!("wspool-worker-{i}"))
+                .name(format!("{}worker-{i}", crate::stream::THREAD_PREFIX))
                 .spawn(move || {
                     let _guard = guard;
                     work(&*processor, mode, &jobs, &results, &shared);

@@ -68,9 +68,6 @@ pub struct Stream<O> {
     /// Set once the handshake has succeeded, so later waits keep saying so.
     was_connected: std::sync::atomic::AtomicBool,
     results: Mutex<Option<flume::Receiver<O>>>,
-    /// Kept to account, after the threads end, for jobs the read loop queued after the workers
-    /// had already stopped (cancel): each is counted as cancelled, none vanishes.
-    leftover_jobs: flume::Receiver<Job>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     workers: usize,
 }
@@ -96,7 +93,6 @@ impl<O: Send + 'static> Stream<O> {
         let (control, control_rx) = watch::channel(Control::Run);
         let (connected_tx, connected) = flume::bounded(1);
 
-        let leftover_jobs = jobs_rx.clone();
         let mut threads = pool::spawn(
             config.workers,
             Arc::new(processor),
@@ -108,7 +104,7 @@ impl<O: Send + 'static> Stream<O> {
         let io_shared = shared.clone();
         let guard = shared.thread_guard();
         let io = std::thread::Builder::new()
-            .name("wspool-io".into())
+            .name(format!("{THREAD_PREFIX}io"))
             .spawn(move || {
                 let _guard = guard;
                 let shared = io_shared.clone();
@@ -141,7 +137,6 @@ impl<O: Send + 'static> Stream<O> {
             connected,
             was_connected: std::sync::atomic::AtomicBool::new(false),
             results: Mutex::new(Some(results_rx)),
-            leftover_jobs,
             threads: Mutex::new(threads),
             workers,
         })
@@ -228,9 +223,6 @@ impl<O: Send + 'static> Stream<O> {
                     // A panic on these threads is caught where it happens; nothing to report.
                     let _ = t.join();
                 }
-                while self.leftover_jobs.try_recv().is_ok() {
-                    self.shared.on_cancelled();
-                }
                 self.shared.mark_ended();
                 return true;
             }
@@ -251,12 +243,15 @@ impl<O: Send + 'static> Stream<O> {
     }
 }
 
+/// Every thread a stream starts is named with this prefix.
+pub(crate) const THREAD_PREFIX: &str = "wspool-";
+
 /// True on one of the threads a stream runs (its read loop or a worker): such a thread must
 /// never wait for its own stream to end.
 pub fn on_stream_thread() -> bool {
     std::thread::current()
         .name()
-        .is_some_and(|n| n.starts_with("wspool-"))
+        .is_some_and(|n| n.starts_with(THREAD_PREFIX))
 }
 
 impl<O> Drop for Stream<O> {

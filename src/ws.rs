@@ -278,7 +278,7 @@ impl Reader {
             // against anything, so a job is never both delivered and dropped. While the queue is
             // full, nothing is read and TCP pushes back on the server.
             if self.jobs.send_async(job).await.is_err() {
-                // No worker and no stream handle left: the stream was dropped.
+                // Every worker is gone (they only end once this loop has stopped): defensive.
                 self.shared.on_cancelled();
                 return Stop::Asked(Control::Cancel);
             }

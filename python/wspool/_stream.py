@@ -229,8 +229,8 @@ class Stream:
         ``stats.cancelled``) and the results not yet delivered. Jobs already running finish
         (threads cannot be interrupted); this waits up to ``close_timeout`` for them. Called
         from a handler, it only asks; the consuming thread ends the stream."""
-        self._native.cancel()
         if _native.on_stream_thread():
+            self._native.cancel()
             return
         self._abort(self._close_timeout)
 
