@@ -39,6 +39,19 @@ pub enum Error {
     #[error("protocol error: {0}")]
     Protocol(String),
 
+    /// A message (one frame, or fragments so far) was larger than `max_message_size`; refused
+    /// before it was read whole, and the connection closed with 1009.
+    #[error("message too big: {size} bytes or more, the limit is {limit} (max_message_size); closed with 1009")]
+    MessageTooBig { size: usize, limit: usize },
+
+    /// The job queue was full with `overflow="error"`; the connection was closed with 1008.
+    #[error("job queue overflow: {capacity} jobs were waiting (queue_size) when message {job_id} arrived, with overflow=\"error\"; closed with 1008")]
+    Overflow { capacity: usize, job_id: u64 },
+
+    /// A user callback the core calls (the subscribe callable) failed.
+    #[error("{0}")]
+    Callback(String),
+
     /// A bug in wspool itself (a panic caught on a native thread).
     #[error("internal error in wspool: {0}")]
     Internal(String),
@@ -71,6 +84,32 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+impl Error {
+    /// Whether a reconnect policy should try again after this error: drops, abnormal closes that
+    /// can be temporary, refused or timed-out connections, and HTTP 5xx or 429 handshakes. Not a
+    /// TLS failure, a 4xx, a protocol violation, a refused message or a user callback's error,
+    /// which would only repeat.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Connect { cause, .. } => !cause.starts_with("TLS"),
+            Error::Handshake { status, .. } => *status >= 500 || *status == 429,
+            Error::Timeout { .. } => true,
+            // 1000 ends a stream normally; 1002/1003/1007/1008/1009/1010/1015 say that this
+            // client or its messages are unacceptable, which another connection would repeat.
+            Error::Closed { code, .. } => {
+                !matches!(code, 1000 | 1002 | 1003 | 1007 | 1008 | 1009 | 1010 | 1015)
+            }
+            Error::InvalidUrl { .. }
+            | Error::InvalidArgument(_)
+            | Error::Protocol(_)
+            | Error::MessageTooBig { .. }
+            | Error::Overflow { .. }
+            | Error::Callback(_)
+            | Error::Internal(_) => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +138,34 @@ mod tests {
             reason: String::new(),
         };
         assert_eq!(e.to_string(), "connection closed: code 1006");
+    }
+
+    #[test]
+    fn retries_only_what_can_be_temporary() {
+        let closed = |code| Error::Closed {
+            code,
+            reason: String::new(),
+        };
+        let handshake = |status| Error::Handshake {
+            url: "ws://h/".into(),
+            status,
+            body: String::new(),
+        };
+        assert!(closed(1006).is_retryable() && closed(1011).is_retryable());
+        assert!(closed(1001).is_retryable() && closed(4000).is_retryable());
+        assert!(!closed(1008).is_retryable() && !closed(1009).is_retryable());
+        assert!(handshake(503).is_retryable() && handshake(429).is_retryable());
+        assert!(!handshake(403).is_retryable() && !handshake(404).is_retryable());
+        let refused = Error::Connect {
+            url: "ws://h/".into(),
+            cause: "Connection refused".into(),
+        };
+        let tls = Error::Connect {
+            url: "wss://h/".into(),
+            cause: "TLS: invalid peer certificate".into(),
+        };
+        assert!(refused.is_retryable() && !tls.is_retryable());
+        assert!(!Error::Protocol("x".into()).is_retryable());
     }
 
     #[test]

@@ -88,9 +88,60 @@ pub fn decode(kind: Kind, payload: &Bytes, mode: DecodeMode) -> Result<Data, Dec
     }
 }
 
+/// The key of a message for `key=`: the value of one top-level field of a JSON object, as
+/// text (a string's content; any other value's compact JSON). None when the payload is not a
+/// JSON object or lacks the field. Only that field's value is built; the rest is skipped.
+pub fn extract_key(payload: &[u8], field: &str) -> Option<Box<str>> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+
+    struct Field<'a>(&'a str);
+
+    impl<'de> Visitor<'de> for Field<'_> {
+        type Value = Option<serde_json::Value>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut found = None;
+            while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if found.is_none() && name == self.0 {
+                    found = Some(map.next_value::<serde_json::Value>()?);
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(found)
+        }
+    }
+
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    let value = de.deserialize_map(Field(field)).ok()??;
+    Some(match value {
+        serde_json::Value::String(s) => s.into_boxed_str(),
+        other => other.to_string().into_boxed_str(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extracts_a_top_level_key() {
+        let key = |p: &[u8]| extract_key(p, "sym").map(String::from);
+        assert_eq!(
+            key(br#"{"px": {"sym": "no"}, "sym": "BTC"}"#),
+            Some("BTC".into())
+        );
+        assert_eq!(key(br#"{"sym": 7, "x": [1, {"a": 2}]}"#), Some("7".into()));
+        assert_eq!(key(br#"{"s\u0079m": "esc"}"#), Some("esc".into()));
+        assert_eq!(key(br#"{"other": 1}"#), None);
+        assert_eq!(key(br#"[1, 2]"#), None);
+        assert_eq!(key(b"not json"), None);
+        assert_eq!(key(br#"{"sym": "A", "#), None);
+    }
 
     #[test]
     fn decodes_each_mode() {

@@ -6,6 +6,7 @@
 pub mod errors;
 pub mod job;
 pub mod pool;
+pub mod queue;
 pub mod state;
 pub mod stream;
 pub mod ws;
@@ -16,6 +17,7 @@ mod py;
 pub use errors::Error;
 pub use job::{Data, DecodeError, DecodeMode, Job, Kind};
 pub use pool::Processor;
+pub use queue::{Order, Overflow};
 pub use state::StatsSnapshot;
-pub use stream::{Batch, Config, Stream};
-pub use ws::Outgoing;
+pub use stream::{Batch, Config, Event, EventHook, Reconnect, Stream, Subscribe};
+pub use ws::{Heartbeat, Outgoing};

@@ -2,12 +2,15 @@
 //! running the processor, then pushing results into one bounded queue. No PyO3 here: the Python
 //! layer plugs in through [`Processor`].
 
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crate::errors::{panic_message, Error};
 use crate::job::{decode, Data, DecodeError, DecodeMode, Job};
+use crate::queue::{JobQueue, Popped};
 use crate::state::Shared;
 
 /// What the pool runs on each job. `process` is called on a worker thread, never on the thread
@@ -23,6 +26,14 @@ pub trait Processor: Send + Sync + 'static {
     fn panicked(&self, job: Job, error: Error) -> Self::Output;
 }
 
+/// Where the workers take jobs from and put results.
+pub struct Pipes<O> {
+    pub queue: Arc<JobQueue>,
+    pub results: flume::Sender<O>,
+    /// With `ordered=True`: results go through this window, in slot order.
+    pub reorder: Option<Arc<Reorder<O>>>,
+}
+
 /// Starts `workers` threads. Each ends when the job queue is closed (the read loop is done) and
 /// empty; after `Shared::set_cancelled`, or once the result queue has no receiver, the jobs still
 /// queued are counted as cancelled instead of processed.
@@ -30,58 +41,186 @@ pub fn spawn<P: Processor>(
     workers: usize,
     processor: Arc<P>,
     mode: DecodeMode,
-    jobs: flume::Receiver<Job>,
-    results: flume::Sender<P::Output>,
+    pipes: Pipes<P::Output>,
     shared: Arc<Shared>,
 ) -> Result<Vec<JoinHandle<()>>, Error> {
     (0..workers)
         .map(|i| {
-            let (processor, jobs, results) = (processor.clone(), jobs.clone(), results.clone());
+            let processor = processor.clone();
+            let queue = pipes.queue.clone();
+            let results = pipes.results.clone();
+            let reorder = pipes.reorder.clone();
             let guard = shared.thread_guard();
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name(format!("{}worker-{i}", crate::stream::THREAD_PREFIX))
                 .spawn(move || {
                     let _guard = guard;
-                    work(&*processor, mode, &jobs, &results, &shared);
+                    let outlet = Outlet {
+                        results,
+                        reorder,
+                        shared: &shared,
+                    };
+                    work(&*processor, mode, &queue, &outlet, &shared);
                 })
                 .map_err(|e| Error::Internal(format!("cannot start a worker thread: {e}")))
         })
         .collect()
 }
 
+struct Outlet<'a, O> {
+    results: flume::Sender<O>,
+    reorder: Option<Arc<Reorder<O>>>,
+    shared: &'a Shared,
+}
+
+impl<O> Outlet<'_, O> {
+    /// Hands a job's result (None: the job left none) on; false once nobody takes results.
+    fn put(&self, slot: u64, output: Option<O>) -> bool {
+        match (&self.reorder, output) {
+            (Some(r), output) => r.put(slot, output, &self.results, self.shared),
+            (None, Some(o)) => self.results.send(o).is_ok(),
+            (None, None) => true,
+        }
+    }
+}
+
 fn work<P: Processor>(
     processor: &P,
     mode: DecodeMode,
-    jobs: &flume::Receiver<Job>,
-    results: &flume::Sender<P::Output>,
+    queue: &JobQueue,
+    outlet: &Outlet<'_, P::Output>,
     shared: &Shared,
 ) {
     // Runs until the read loop has stopped and the queue is empty, so that the read loop is
     // never left blocked on a full queue; after a cancel, or once nobody reads results, the jobs
     // still queued are only counted.
     let mut consumer_gone = false;
-    while let Ok(job) = jobs.recv() {
-        if consumer_gone || shared.is_cancelled() {
+    while let Some(Popped { job, slot, key }) = queue.pop() {
+        let output = if consumer_gone || shared.is_cancelled() {
             shared.on_cancelled();
-            continue;
-        }
-        // Cheap: the payload is reference-counted. Kept to describe the job if it panics.
-        let copy = job.clone();
-        let outcome = catch_unwind(AssertUnwindSafe(|| {
-            let decoded = decode(job.kind, &job.payload, mode);
-            processor.process(job, decoded)
-        }));
-        let (output, ok) = match outcome {
-            Ok(done) => done,
-            Err(payload) => {
-                let msg = panic_message(payload.as_ref());
-                let error = Error::Internal(format!("job {} panicked: {msg}", copy.id));
-                (processor.panicked(copy, error), false)
-            }
+            None
+        } else {
+            Some(run_one(processor, mode, job, shared))
         };
-        shared.on_finished(ok);
-        consumer_gone = results.send(output).is_err();
+        consumer_gone |= !outlet.put(slot, output);
+        // After the result is out, so results of one key keep their order.
+        if let Some(key) = key {
+            queue.done(key);
+        }
+    }
+}
+
+fn run_one<P: Processor>(processor: &P, mode: DecodeMode, job: Job, shared: &Shared) -> P::Output {
+    // Cheap: the payload is reference-counted. Kept to describe the job if it panics.
+    let copy = job.clone();
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        let decoded = decode(job.kind, &job.payload, mode);
+        processor.process(job, decoded)
+    }));
+    let (output, ok) = match outcome {
+        Ok(done) => done,
+        Err(payload) => {
+            let msg = panic_message(payload.as_ref());
+            let error = Error::Internal(format!("job {} panicked: {msg}", copy.id));
+            (processor.panicked(copy, error), false)
+        }
+    };
+    shared.on_finished(ok);
+    output
+}
+
+/// The reorder window of `ordered=True`: workers put results by slot (the order jobs left the
+/// queue); they go out to the result queue in slot order. A result more than `window` slots
+/// ahead of the oldest missing one waits (its worker blocks), so a slow job holds back the jobs
+/// behind it, never memory: at most `window` results wait here, plus one run being handed on.
+pub struct Reorder<O> {
+    state: Mutex<Window<O>>,
+    space: Condvar,
+    window: u64,
+}
+
+enum Slot<O> {
+    Empty,
+    Skip,
+    Ready(O),
+}
+
+struct Window<O> {
+    /// The oldest slot not handed on yet.
+    next: u64,
+    pending: VecDeque<Slot<O>>,
+    /// A worker is handing a run of results on; the others only deposit theirs.
+    flushing: bool,
+}
+
+impl<O> Reorder<O> {
+    pub fn new(window: usize) -> Self {
+        Reorder {
+            state: Mutex::new(Window {
+                next: 0,
+                pending: VecDeque::new(),
+                flushing: false,
+            }),
+            space: Condvar::new(),
+            window: window.max(1) as u64,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Window<O>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Puts the result of `slot`; false once nobody takes results (or the stream was
+    /// cancelled while this one waited for room).
+    fn put(
+        &self,
+        slot: u64,
+        output: Option<O>,
+        results: &flume::Sender<O>,
+        shared: &Shared,
+    ) -> bool {
+        let mut st = self.lock();
+        while slot >= st.next + self.window {
+            if shared.is_cancelled() {
+                return false;
+            }
+            st = self
+                .space
+                .wait_timeout(st, Duration::from_millis(50))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        let i = (slot - st.next) as usize;
+        while st.pending.len() <= i {
+            st.pending.push_back(Slot::Empty);
+        }
+        st.pending[i] = output.map_or(Slot::Skip, Slot::Ready);
+        if st.flushing {
+            return true;
+        }
+        st.flushing = true;
+        let mut alive = true;
+        loop {
+            let mut run = Vec::new();
+            while matches!(st.pending.front(), Some(Slot::Ready(_) | Slot::Skip)) {
+                if let Some(Slot::Ready(o)) = st.pending.pop_front() {
+                    run.push(o);
+                }
+                st.next += 1;
+            }
+            if run.is_empty() {
+                st.flushing = false;
+                return alive;
+            }
+            self.space.notify_all();
+            drop(st);
+            for o in run {
+                // Blocks while the consumer is behind: backpressure, as without the window.
+                alive &= results.send(o).is_ok();
+            }
+            st = self.lock();
+        }
     }
 }
 
@@ -89,14 +228,17 @@ fn work<P: Processor>(
 mod tests {
     use super::*;
     use crate::job::Kind;
+    use crate::queue::{Key, Order, Overflow, Push};
     use bytes::Bytes;
 
     struct Echo;
     impl Processor for Echo {
         type Output = Result<(u64, Data), String>;
         fn process(&self, job: Job, decoded: Result<Data, DecodeError>) -> (Self::Output, bool) {
-            if job.payload.as_ref() == b"panic" {
-                panic!("asked to");
+            match job.payload.as_ref() {
+                b"panic" => panic!("asked to"),
+                b"slow" => std::thread::sleep(Duration::from_millis(5)),
+                _ => {}
             }
             match decoded {
                 Ok(d) => (Ok((job.id, d)), true),
@@ -118,20 +260,43 @@ mod tests {
         }
     }
 
+    type Out = <Echo as Processor>::Output;
+
+    /// A pool of `workers` Echo workers with a queue of `capacity` and a result queue of 4.
+    fn pool(
+        workers: usize,
+        capacity: usize,
+        order: Order,
+        mode: DecodeMode,
+        shared: &Arc<Shared>,
+    ) -> (Arc<JobQueue>, flume::Receiver<Out>, Vec<JoinHandle<()>>) {
+        let queue = Arc::new(JobQueue::new(capacity, Overflow::Block, order));
+        let (rtx, rrx) = flume::bounded(4);
+        let pipes = Pipes {
+            queue: queue.clone(),
+            results: rtx,
+            reorder: (order == Order::Receipt).then(|| Arc::new(Reorder::new(capacity))),
+        };
+        let handles = spawn(workers, Arc::new(Echo), mode, pipes, shared.clone()).unwrap();
+        (queue, rrx, handles)
+    }
+
+    /// Pushes, waiting while the queue is full, as the read loop does.
+    fn push(queue: &JobQueue, mut job: Job, mut key: Option<Key>) {
+        loop {
+            match queue.try_push(job, key) {
+                Push::Done { .. } => return,
+                Push::Full(j, k) => (job, key) = (j, k),
+                Push::Overflow => panic!("overflow"),
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
     #[test]
     fn every_job_yields_one_result_even_on_panic() {
         let shared = Arc::new(Shared::new());
-        let (jtx, jrx) = flume::bounded(4);
-        let (rtx, rrx) = flume::bounded(4);
-        let handles = spawn(
-            3,
-            Arc::new(Echo),
-            DecodeMode::Json,
-            jrx,
-            rtx,
-            shared.clone(),
-        )
-        .unwrap();
+        let (queue, rrx, handles) = pool(3, 4, Order::Completion, DecodeMode::Json, &shared);
         let feeder = std::thread::spawn(move || {
             for i in 0..100 {
                 let payload: &'static [u8] = match i {
@@ -139,8 +304,9 @@ mod tests {
                     8 => b"{bad",
                     _ => b"[1]",
                 };
-                shared_received(&jtx, job(i, payload));
+                push(&queue, job(i, payload), None);
             }
+            queue.close();
         });
         let mut ids: Vec<u64> = Vec::new();
         let mut errors = Vec::new();
@@ -164,53 +330,82 @@ mod tests {
         assert_eq!((s.processed, s.failed, s.threads), (98, 2, 0));
     }
 
-    fn shared_received(tx: &flume::Sender<Job>, j: Job) {
-        tx.send(j).unwrap();
+    #[test]
+    fn ordered_results_come_out_in_receipt_order() {
+        let shared = Arc::new(Shared::new());
+        let (queue, rrx, handles) = pool(4, 8, Order::Receipt, DecodeMode::Bytes, &shared);
+        let feeder = std::thread::spawn(move || {
+            for i in 0..300 {
+                let payload: &'static [u8] = match i % 7 {
+                    0 => b"slow",
+                    3 => b"panic",
+                    _ => b"x",
+                };
+                push(&queue, job(i, payload), None);
+            }
+            queue.close();
+        });
+        let ids: Vec<u64> = rrx
+            .iter()
+            .map(|r| match r {
+                Ok((id, _)) => id,
+                Err(e) => e.split(':').next().unwrap().parse().unwrap(),
+            })
+            .collect();
+        feeder.join().unwrap();
+        handles.into_iter().for_each(|h| h.join().unwrap());
+        assert_eq!(ids, (0..300).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn per_key_order_holds_within_each_key() {
+        let shared = Arc::new(Shared::new());
+        let (queue, rrx, handles) = pool(4, 16, Order::Key, DecodeMode::Bytes, &shared);
+        let feeder = std::thread::spawn(move || {
+            for i in 0..200u64 {
+                let payload: &'static [u8] = if i % 5 == 0 { b"slow" } else { b"x" };
+                push(&queue, job(i, payload), Some((i % 3).to_string().into()));
+            }
+            queue.close();
+        });
+        let ids: Vec<u64> = rrx.iter().map(|r| r.unwrap().0).collect();
+        feeder.join().unwrap();
+        handles.into_iter().for_each(|h| h.join().unwrap());
+        assert_eq!(ids.len(), 200);
+        for k in 0..3 {
+            let of_key: Vec<u64> = ids.iter().copied().filter(|i| i % 3 == k).collect();
+            assert!(
+                of_key.windows(2).all(|w| w[0] < w[1]),
+                "key {k}: {of_key:?}"
+            );
+        }
     }
 
     #[test]
     fn cancel_drops_queued_jobs_and_counts_them() {
-        let shared = Arc::new(Shared::new());
-        let (jtx, jrx) = flume::bounded(10);
-        let (rtx, rrx) = flume::bounded(10);
-        for i in 0..10 {
-            jtx.send(job(i, b"1")).unwrap();
+        for order in [Order::Completion, Order::Receipt] {
+            let shared = Arc::new(Shared::new());
+            shared.set_cancelled();
+            let (queue, rrx, handles) = pool(2, 10, order, DecodeMode::Text, &shared);
+            for i in 0..10 {
+                push(&queue, job(i, b"1"), None);
+            }
+            queue.close();
+            handles.into_iter().for_each(|h| h.join().unwrap());
+            assert_eq!(rrx.iter().count(), 0);
+            assert_eq!(shared.snapshot().cancelled, 10);
         }
-        drop(jtx);
-        shared.set_cancelled();
-        let handles = spawn(
-            2,
-            Arc::new(Echo),
-            DecodeMode::Text,
-            jrx,
-            rtx,
-            shared.clone(),
-        )
-        .unwrap();
-        handles.into_iter().for_each(|h| h.join().unwrap());
-        assert_eq!(rrx.iter().count(), 0);
-        assert_eq!(shared.snapshot().cancelled, 10);
     }
 
     #[test]
     fn workers_stop_when_the_consumer_is_gone() {
         let shared = Arc::new(Shared::new());
-        let (jtx, jrx) = flume::bounded(10);
-        let (rtx, rrx) = flume::bounded(1);
+        let (queue, rrx, handles) = pool(2, 10, Order::Completion, DecodeMode::Text, &shared);
         drop(rrx);
-        let handles = spawn(
-            2,
-            Arc::new(Echo),
-            DecodeMode::Text,
-            jrx,
-            rtx,
-            shared.clone(),
-        )
-        .unwrap();
         for i in 0..5 {
-            jtx.send(job(i, b"1")).unwrap();
+            push(&queue, job(i, b"1"), None);
         }
-        drop(jtx);
+        queue.close();
         handles.into_iter().for_each(|h| h.join().unwrap());
         let s = shared.snapshot();
         assert_eq!(s.processed + s.cancelled, 5);

@@ -2,7 +2,7 @@
 //! blocking wait runs with the GIL released, in slices, checking for signals between slices so
 //! Ctrl-C interrupts it.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use pyo3::exceptions::PyValueError;
@@ -13,8 +13,9 @@ use crate::errors::Error;
 use crate::job::{Data, DecodeError, DecodeMode, Job, Kind};
 use crate::pool::Processor;
 use crate::state::StatsSnapshot;
-use crate::stream::{Batch, Config, Stream};
-use crate::ws::Outgoing;
+use crate::queue::{Order, Overflow};
+use crate::stream::{Batch, Config, Event, EventHook, Reconnect, Stream, Subscribe};
+use crate::ws::{Heartbeat, Outgoing};
 
 /// How long one GIL-free wait lasts before signals are checked again.
 const SLICE: Duration = Duration::from_millis(50);
@@ -48,6 +49,17 @@ fn to_pyerr(py: Python<'_>, error: Error) -> PyErr {
                 "ConnectionClosed"
             }
             Error::Protocol(_) => "ProtocolError",
+            Error::MessageTooBig { size, limit } => {
+                kwargs.set_item("size", size)?;
+                kwargs.set_item("limit", limit)?;
+                "MessageTooBig"
+            }
+            Error::Overflow { capacity, job_id } => {
+                kwargs.set_item("capacity", capacity)?;
+                kwargs.set_item("job_id", job_id)?;
+                "Overflow"
+            }
+            Error::Callback(_) => "WspoolError",
             Error::Internal(_) => "InternalError",
         };
         let class = py.import("wspool.exceptions")?.getattr(name)?;
@@ -249,7 +261,18 @@ impl PyStats {
     fn cancelled(&self) -> u64 {
         self.snap.cancelled
     }
-    /// Jobs received but not finished yet.
+    /// Messages dropped by the overflow policy (drop_oldest, drop_newest, conflate, and the
+    /// one that overflowed with "error").
+    #[getter]
+    fn dropped(&self) -> u64 {
+        self.snap.dropped
+    }
+    /// Successful reconnections (connections after the first).
+    #[getter]
+    fn reconnects(&self) -> u64 {
+        self.snap.reconnects
+    }
+    /// Jobs received but not finished (nor dropped) yet.
     #[getter]
     fn in_flight(&self) -> u64 {
         self.snap.in_flight
@@ -283,6 +306,8 @@ impl PyStats {
         d.set_item("processed", s.processed)?;
         d.set_item("failed", s.failed)?;
         d.set_item("cancelled", s.cancelled)?;
+        d.set_item("dropped", s.dropped)?;
+        d.set_item("reconnects", s.reconnects)?;
         d.set_item("in_flight", s.in_flight)?;
         d.set_item("bytes", s.bytes)?;
         d.set_item("elapsed", s.elapsed)?;
@@ -294,14 +319,16 @@ impl PyStats {
     fn __repr__(&self) -> String {
         let s = &self.snap;
         format!(
-            "Stats(received={}, processed={}, failed={}, cancelled={}, in_flight={}, bytes={}, \
-             elapsed={:.3}, workers={}, threads={})",
+            "Stats(received={}, processed={}, failed={}, cancelled={}, dropped={}, in_flight={}, \
+             bytes={}, reconnects={}, elapsed={:.3}, workers={}, threads={})",
             s.received,
             s.processed,
             s.failed,
             s.cancelled,
+            s.dropped,
             s.in_flight,
             s.bytes,
+            s.reconnects,
             s.elapsed,
             self.workers,
             s.threads
@@ -476,25 +503,102 @@ fn outgoing(item: &Bound<'_, PyAny>) -> PyResult<Outgoing> {
     }
 }
 
+fn subscriptions(subscribe: &Bound<'_, PyAny>) -> PyResult<Subscribe> {
+    if subscribe.is_none() {
+        return Ok(Subscribe::None);
+    }
+    if subscribe.is_callable() {
+        let make = subscribe.clone().unbind();
+        return Ok(Subscribe::Dynamic(Arc::new(move |connection| {
+            Python::try_attach(|py| {
+                let messages = make
+                    .call1(py, (connection,))
+                    .map_err(|e| Error::Callback(format!("the subscribe callable raised {e}")))?;
+                let messages = messages.bind(py);
+                messages
+                    .try_iter()
+                    .and_then(|items| items.map(|item| outgoing(&item?)).collect())
+                    .map_err(|e| Error::Callback(format!("subscribe: {e}")))
+            })
+            .unwrap_or_else(|| {
+                Err(Error::Callback(
+                    "the Python interpreter is shutting down".into(),
+                ))
+            })
+        })));
+    }
+    let messages: Vec<Bound<'_, PyAny>> = subscribe.extract()?;
+    Ok(Subscribe::Messages(
+        messages.iter().map(outgoing).collect::<PyResult<_>>()?,
+    ))
+}
+
+/// Calls the Python `on_event(kind, connection, attempt, delay, cause)` for each event; an
+/// exception it raises is reported as unraisable (the stream goes on).
+fn event_hook(callback: Py<PyAny>) -> EventHook {
+    EventHook(Arc::new(move |event: &Event| {
+        Python::try_attach(|py| {
+            let (kind, connection, attempt, delay, cause) = match event {
+                Event::Connected { connection } => ("connected", *connection, 0, None, None),
+                Event::Disconnected { connection, cause } => {
+                    ("disconnected", *connection, 0, None, cause.clone())
+                }
+                Event::Retrying {
+                    connection,
+                    attempt,
+                    delay,
+                    cause,
+                } => (
+                    "retrying",
+                    *connection,
+                    *attempt,
+                    Some(delay.as_secs_f64()),
+                    Some(cause.clone()),
+                ),
+            };
+            let cause = cause.map(|e| to_pyerr(py, e).into_value(py));
+            if let Err(e) = callback.call1(py, (kind, connection, attempt, delay, cause)) {
+                e.write_unraisable(py, Some(callback.bind(py)));
+            }
+        });
+    }))
+}
+
 #[pymethods]
 impl NativeStream {
     /// Checks the arguments and starts the threads; the connection opens in the background
     /// (see `wait_connected`). Raises ValueError for an unusable URL or argument.
+    ///
+    /// `subscribe` is a list of str/bytes, or a callable taking the connection number and
+    /// returning one (called on the I/O thread before each subscription). `on_event` is called
+    /// on the I/O thread as `on_event(kind, connection, attempt, delay, cause)`.
     #[new]
     #[pyo3(signature = (url, handler, *, workers, decode, subscribe, headers, timeout,
-                        queue_size, open_timeout, close_timeout))]
+                        queue_size, open_timeout, close_timeout, overflow = "block", key = None,
+                        ordered = "completion", ping_interval = Some(20.0),
+                        ping_timeout = Some(20.0), max_message_size = 16 << 20,
+                        reconnect = None, on_event = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
         url: String,
         handler: Option<Py<PyAny>>,
         workers: usize,
         decode: &str,
-        subscribe: Vec<Bound<'_, PyAny>>,
+        subscribe: Bound<'_, PyAny>,
         headers: Vec<(String, String)>,
         timeout: Option<f64>,
         queue_size: usize,
         open_timeout: f64,
         close_timeout: f64,
+        overflow: &str,
+        key: Option<String>,
+        ordered: &str,
+        ping_interval: Option<f64>,
+        ping_timeout: Option<f64>,
+        max_message_size: usize,
+        reconnect: Option<(Option<u32>, f64, f64, bool)>,
+        on_event: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let seconds = |name: &str, v: f64| {
             Duration::try_from_secs_f64(v).map_err(|_| {
@@ -503,21 +607,56 @@ impl NativeStream {
                 ))
             })
         };
+        let positive = |name: &str, v: f64| match seconds(name, v)? {
+            d if d.is_zero() => Err(PyValueError::new_err(format!("{name} must be > 0"))),
+            d => Ok(d),
+        };
         let mut config = Config::new(url);
         config.workers = workers;
         config.decode = decode
             .parse::<DecodeMode>()
             .map_err(PyValueError::new_err)?;
-        config.subscribe = subscribe.iter().map(outgoing).collect::<PyResult<_>>()?;
+        config.subscribe = subscriptions(&subscribe)?;
         config.headers = headers;
         config.timeout = timeout.map(|t| seconds("timeout", t)).transpose()?;
         config.queue_size = queue_size;
         config.open_timeout = seconds("open_timeout", open_timeout)?;
         config.close_timeout = seconds("close_timeout", close_timeout)?;
+        config.overflow = overflow.parse::<Overflow>().map_err(PyValueError::new_err)?;
+        config.key = key;
+        config.order = match ordered {
+            "completion" => Order::Completion,
+            "receipt" => Order::Receipt,
+            "key" => Order::Key,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "ordered must be False, True or \"key\", not {other:?}"
+                )))
+            }
+        };
+        config.heartbeat = Heartbeat {
+            interval: ping_interval
+                .map(|t| positive("ping_interval", t))
+                .transpose()?,
+            timeout: ping_timeout
+                .map(|t| positive("ping_timeout", t))
+                .transpose()?,
+        };
+        config.max_message_size = max_message_size;
+        config.reconnect = reconnect
+            .map(|(max_attempts, initial, maximum, jitter)| {
+                Ok::<_, PyErr>(Reconnect {
+                    max_attempts,
+                    initial: positive("reconnect initial", initial)?,
+                    maximum: positive("reconnect maximum", maximum)?,
+                    jitter,
+                })
+            })
+            .transpose()?;
+        config.on_event = on_event.map(event_hook);
         let close_timeout = config.close_timeout;
         let processor = PyProcessor { handler };
-        let inner =
-            Python::attach(|py| Stream::start(config, processor).map_err(|e| to_pyerr(py, e)))?;
+        let inner = Stream::start(config, processor).map_err(|e| to_pyerr(py, e))?;
         Ok(NativeStream {
             inner,
             close_timeout,

@@ -15,6 +15,8 @@ pub struct Shared {
     processed: AtomicU64,
     failed: AtomicU64,
     cancelled: AtomicU64,
+    dropped: AtomicU64,
+    reconnects: AtomicU64,
     bytes: AtomicU64,
     threads: AtomicUsize,
     cancel: AtomicBool,
@@ -34,7 +36,11 @@ pub struct StatsSnapshot {
     pub failed: u64,
     /// Jobs dropped unprocessed by `cancel()`.
     pub cancelled: u64,
-    /// Received, not yet processed, failed or cancelled.
+    /// Messages dropped by the overflow policy (drop_oldest, drop_newest, conflate).
+    pub dropped: u64,
+    /// Successful connections after the first one.
+    pub reconnects: u64,
+    /// Received, not yet processed, failed, cancelled or dropped.
     pub in_flight: u64,
     /// Payload bytes received.
     pub bytes: u64,
@@ -62,6 +68,8 @@ impl Shared {
             processed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             threads: AtomicUsize::new(0),
             cancel: AtomicBool::new(false),
@@ -86,6 +94,14 @@ impl Shared {
 
     pub fn on_cancelled(&self) {
         self.cancelled.fetch_add(1, Relaxed);
+    }
+
+    pub fn on_dropped(&self, n: u64) {
+        self.dropped.fetch_add(n, Relaxed);
+    }
+
+    pub fn on_reconnected(&self) {
+        self.reconnects.fetch_add(1, Relaxed);
     }
 
     /// Asks the workers to drop the jobs still queued.
@@ -119,6 +135,7 @@ impl Shared {
         let processed = self.processed.load(Relaxed);
         let failed = self.failed.load(Relaxed);
         let cancelled = self.cancelled.load(Relaxed);
+        let dropped = self.dropped.load(Relaxed);
         let received = self.received.load(Relaxed);
         let end = lock(&self.ended).unwrap_or_else(Instant::now);
         StatsSnapshot {
@@ -126,7 +143,9 @@ impl Shared {
             processed,
             failed,
             cancelled,
-            in_flight: received.saturating_sub(processed + failed + cancelled),
+            dropped,
+            reconnects: self.reconnects.load(Relaxed),
+            in_flight: received.saturating_sub(processed + failed + cancelled + dropped),
             bytes: self.bytes.load(Relaxed),
             threads: self.threads.load(Relaxed),
             elapsed: end.duration_since(self.started).as_secs_f64(),
@@ -175,9 +194,11 @@ mod tests {
         s.on_finished(true);
         s.on_finished(false);
         s.on_cancelled();
+        s.on_dropped(1);
         let snap = s.snapshot();
         assert_eq!((snap.received, snap.processed, snap.failed), (5, 1, 1));
-        assert_eq!((snap.cancelled, snap.in_flight, snap.bytes), (1, 2, 50));
+        assert_eq!((snap.cancelled, snap.dropped), (1, 1));
+        assert_eq!((snap.in_flight, snap.bytes), (1, 50));
     }
 
     #[test]

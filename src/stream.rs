@@ -10,26 +10,38 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::errors::Error;
-use crate::job::{DecodeMode, Job};
-use crate::pool::{self, Processor};
+use crate::job::DecodeMode;
+use crate::pool::{self, Pipes, Processor, Reorder};
+use crate::queue::{JobQueue, Order, Overflow};
 use crate::state::{Shared, StatsSnapshot};
-use crate::ws::{self, Control, Outgoing, Reader};
+use crate::ws::{self, Control, Ended, Heartbeat, Outgoing, Reader};
 
 /// How to open and run a stream.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub url: String,
     pub headers: Vec<(String, String)>,
-    /// Sent in order right after the handshake.
-    pub subscribe: Vec<Outgoing>,
+    /// Sent in order right after each handshake.
+    pub subscribe: Subscribe,
     pub workers: usize,
-    /// Capacity of the job queue and of the result queue (messages).
+    /// Capacity of the job queue, of the result queue and of the reorder window (messages).
     pub queue_size: usize,
+    /// What a message does when `queue_size` jobs are waiting.
+    pub overflow: Overflow,
+    /// A top-level JSON field keying each message, for `Overflow::Conflate` and `Order::Key`.
+    pub key: Option<String>,
+    pub order: Order,
     pub decode: DecodeMode,
     /// Overall deadline, then a graceful close.
     pub timeout: Option<Duration>,
     pub open_timeout: Duration,
     pub close_timeout: Duration,
+    pub heartbeat: Heartbeat,
+    /// Larger messages end the connection with `Error::MessageTooBig` (close code 1009).
+    pub max_message_size: usize,
+    /// None: the first failure ends the stream.
+    pub reconnect: Option<Reconnect>,
+    pub on_event: Option<EventHook>,
 }
 
 impl Config {
@@ -37,14 +49,144 @@ impl Config {
         Config {
             url: url.into(),
             headers: Vec::new(),
-            subscribe: Vec::new(),
+            subscribe: Subscribe::default(),
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             queue_size: 1024,
+            overflow: Overflow::Block,
+            key: None,
+            order: Order::Completion,
             decode: DecodeMode::Text,
             timeout: None,
             open_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(5),
+            heartbeat: Heartbeat {
+                interval: Some(Duration::from_secs(20)),
+                timeout: Some(Duration::from_secs(20)),
+            },
+            max_message_size: 16 << 20,
+            reconnect: None,
+            on_event: None,
         }
+    }
+
+    /// The checks `Stream::start` makes before any thread starts.
+    fn check(&self) -> Result<(), Error> {
+        let invalid = |m: &str| Err(Error::InvalidArgument(m.to_string()));
+        if self.workers == 0 || self.queue_size == 0 {
+            return invalid("workers and queue_size must be at least 1");
+        }
+        if self.max_message_size == 0 {
+            return invalid("max_message_size must be at least 1");
+        }
+        let needs_key = self.overflow == Overflow::Conflate || self.order == Order::Key;
+        match (&self.key, needs_key) {
+            (None, true) => invalid(
+                "overflow=\"conflate\" and ordered=\"key\" need key= (the JSON field that keys \
+                 each message)",
+            ),
+            (Some(_), false) => invalid(
+                "key= is used by overflow=\"conflate\" or ordered=\"key\"; give one of them",
+            ),
+            (Some(k), true) if k.is_empty() => invalid("key must be a non-empty field name"),
+            _ => Ok(()),
+        }?;
+        if let Some(r) = &self.reconnect {
+            if r.initial.is_zero() || r.maximum < r.initial {
+                return invalid("reconnect needs 0 < initial <= maximum");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What to send after each connect.
+#[derive(Clone, Default)]
+pub enum Subscribe {
+    #[default]
+    None,
+    /// The same messages every time.
+    Messages(Vec<Outgoing>),
+    /// Called with the connection number (0, 1, ...) before each subscription, e.g. to ask
+    /// the server to replay from the last message delivered.
+    Dynamic(Arc<SubscribeFn>),
+}
+
+pub type SubscribeFn = dyn Fn(u32) -> Result<Vec<Outgoing>, Error> + Send + Sync;
+
+impl std::fmt::Debug for Subscribe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subscribe::None => f.write_str("None"),
+            Subscribe::Messages(m) => f.debug_tuple("Messages").field(m).finish(),
+            Subscribe::Dynamic(_) => f.write_str("Dynamic(..)"),
+        }
+    }
+}
+
+/// Reconnect policy: exponential backoff from `initial` to `maximum`, with jitter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reconnect {
+    /// Failed attempts in a row before giving up; None: never give up.
+    pub max_attempts: Option<u32>,
+    pub initial: Duration,
+    pub maximum: Duration,
+    /// Wait a random 50-100 % of each delay, so that many clients do not retry in step.
+    pub jitter: bool,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Reconnect {
+            max_attempts: None,
+            initial: Duration::from_millis(100),
+            maximum: Duration::from_secs(30),
+            jitter: true,
+        }
+    }
+}
+
+impl Reconnect {
+    /// The wait before attempt `attempt` (1, 2, ...): initial, 2x, 4x... capped at maximum.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(1).min(30);
+        let full = self
+            .initial
+            .saturating_mul(1 << doublings)
+            .min(self.maximum);
+        if self.jitter {
+            full.mul_f64(0.5 + fastrand::f64() / 2.0)
+        } else {
+            full
+        }
+    }
+}
+
+/// What `on_event` hears about the connection.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Connection `connection` (0, 1, ...) is open and subscribed.
+    Connected { connection: u32 },
+    /// Connection `connection` ended; `cause` is None for a normal end.
+    Disconnected {
+        connection: u32,
+        cause: Option<Error>,
+    },
+    /// Waiting `delay` before attempt `attempt` to open connection `connection`.
+    Retrying {
+        connection: u32,
+        attempt: u32,
+        delay: Duration,
+        cause: Error,
+    },
+}
+
+/// Called on the I/O thread for each event: keep it short.
+#[derive(Clone)]
+pub struct EventHook(pub Arc<dyn Fn(&Event) + Send + Sync>);
+
+impl std::fmt::Debug for EventHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventHook(..)")
     }
 }
 
@@ -80,54 +222,57 @@ impl<O: Send + 'static> Stream<O> {
     /// Checks the configuration, then starts the workers and the read-loop thread, which
     /// connects in the background: see [`Stream::wait_connected`].
     pub fn start<P: Processor<Output = O>>(config: Config, processor: P) -> Result<Self, Error> {
-        let request = ws::prepare_request(&config.url, &config.headers)?;
-        if config.workers == 0 || config.queue_size == 0 {
-            return Err(Error::InvalidArgument(
-                "workers and queue_size must be at least 1".into(),
-            ));
-        }
+        ws::prepare_request(&config.url, &config.headers)?;
+        config.check()?;
         let workers = config.workers;
         let shared = Arc::new(Shared::new());
-        let (jobs_tx, jobs_rx) = flume::bounded::<Job>(config.queue_size);
+        let queue = Arc::new(JobQueue::new(
+            config.queue_size,
+            config.overflow,
+            config.order,
+        ));
         let (results_tx, results_rx) = flume::bounded::<O>(config.queue_size);
         let (control, control_rx) = watch::channel(Control::Run);
         let (connected_tx, connected) = flume::bounded(1);
 
+        let pipes = Pipes {
+            queue: queue.clone(),
+            results: results_tx,
+            reorder: (config.order == Order::Receipt)
+                .then(|| Arc::new(Reorder::new(config.queue_size))),
+        };
         let mut threads = pool::spawn(
             config.workers,
             Arc::new(processor),
             config.decode,
-            jobs_rx,
-            results_tx,
+            pipes,
             shared.clone(),
         )?;
         let io_shared = shared.clone();
+        let spawn_queue = queue.clone();
         let guard = shared.thread_guard();
         let io = std::thread::Builder::new()
             .name(format!("{THREAD_PREFIX}io"))
             .spawn(move || {
                 let _guard = guard;
                 let shared = io_shared.clone();
+                let io_queue = queue.clone();
                 // A panic here must not leave the consumer believing the stream ended normally.
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    io_main(
-                        request,
-                        config,
-                        jobs_tx,
-                        control_rx,
-                        io_shared,
-                        connected_tx,
-                    )
+                    io_main(config, io_queue, control_rx, io_shared, connected_tx)
                 }));
                 if let Err(payload) = ran {
                     let msg = crate::errors::panic_message(payload.as_ref());
                     shared.set_error(Error::Internal(format!("the I/O thread panicked: {msg}")));
                 }
+                // The end (and its error) is recorded: the workers may finish the queue.
+                queue.close();
             });
         match io {
             Ok(handle) => threads.push(handle),
             Err(e) => {
-                // The workers see the job queue closed and end.
+                // The workers are waiting on the queue: let them end.
+                spawn_queue.close();
                 return Err(Error::Internal(format!("cannot start the I/O thread: {e}")));
             }
         }
@@ -261,11 +406,10 @@ impl<O> Drop for Stream<O> {
     }
 }
 
-/// Body of the I/O thread: one single-threaded runtime for this stream's connection.
+/// Body of the I/O thread: one single-threaded runtime for this stream's connections.
 fn io_main(
-    request: ws::Request,
     config: Config,
-    jobs: flume::Sender<Job>,
+    queue: Arc<JobQueue>,
     control: watch::Receiver<Control>,
     shared: Arc<Shared>,
     connected: flume::Sender<Result<(), Error>>,
@@ -286,51 +430,150 @@ fn io_main(
     let deadline = config
         .timeout
         .and_then(|t| tokio::time::Instant::now().checked_add(t));
+    let key = match (config.overflow, config.order) {
+        (Overflow::Conflate, _) | (_, Order::Key) => config.key.clone(),
+        _ => None,
+    };
     let reader = Reader {
-        jobs,
+        queue,
+        key,
         control,
         shared,
         deadline,
         close_timeout: config.close_timeout,
+        heartbeat: config.heartbeat,
         connection: 0,
         next_id: 0,
     };
-    runtime.block_on(open_and_read(request, config, reader, connected));
+    runtime.block_on(connections(config, reader, connected));
 }
 
-async fn open_and_read(
-    request: ws::Request,
+/// Opens connection after connection (with the reconnect policy) until the stream is over. An
+/// abnormal end is recorded in `Shared` before this returns (the caller then closes the queue).
+async fn connections(
     config: Config,
     mut reader: Reader,
     connected: flume::Sender<Result<(), Error>>,
 ) {
-    let opened = tokio::select! {
-        biased;
-        _ = wait_while_running(&mut reader.control) => return,
-        opened = open(request, &config) => opened,
-    };
-    match opened {
-        Ok(ws) => {
-            let _ = connected.send(Ok(()));
-            drop(connected);
-            reader.run(ws).await;
+    let emit = |event: Event| {
+        if let Some(hook) = &config.on_event {
+            (hook.0)(&event);
         }
-        Err(e) => {
-            reader.shared.set_error(e.clone());
-            let _ = connected.send(Err(e));
+    };
+    let mut connected = Some(connected);
+    let mut connection: u32 = 0;
+    // Failed attempts in a row.
+    let mut attempt: u32 = 0;
+    loop {
+        let opened = tokio::select! {
+            biased;
+            _ = wait_while_running(&mut reader.control) => return,
+            _ = ws_sleep_until(reader.deadline) => {
+                if connected.is_some() {
+                    // The deadline ran out before the first connection opened.
+                    let e = Error::Timeout {
+                        url: ws::display_url(&config.url),
+                        after: config.timeout.unwrap_or_default(),
+                    };
+                    fail(&reader, &mut connected, e);
+                }
+                return;
+            }
+            opened = open(&config, connection, reader.deadline) => opened,
+        };
+        let cause = match opened {
+            Ok(ws) => {
+                attempt = 0;
+                match connected.take() {
+                    Some(tx) => {
+                        let _ = tx.send(Ok(()));
+                    }
+                    None => reader.shared.on_reconnected(),
+                }
+                emit(Event::Connected { connection });
+                reader.connection = connection;
+                let ended = reader.run(ws).await;
+                let cause = match ended {
+                    Ended::Finished => None,
+                    Ended::Failed(e) => Some(e),
+                };
+                emit(Event::Disconnected {
+                    connection,
+                    cause: cause.clone(),
+                });
+                connection += 1;
+                match cause {
+                    None => return,
+                    Some(e) => e,
+                }
+            }
+            Err(e) => e,
+        };
+        let policy = match &config.reconnect {
+            Some(p) if cause.is_retryable() && *reader.control.borrow() == Control::Run => p,
+            _ => return fail(&reader, &mut connected, cause),
+        };
+        attempt += 1;
+        if policy.max_attempts.is_some_and(|max| attempt > max) {
+            return fail(&reader, &mut connected, cause);
+        }
+        let delay = policy.delay(attempt);
+        emit(Event::Retrying {
+            connection,
+            attempt,
+            delay,
+            cause: cause.clone(),
+        });
+        tokio::select! {
+            biased;
+            _ = wait_while_running(&mut reader.control) => return,
+            _ = ws_sleep_until(reader.deadline) => {
+                if connected.is_some() {
+                    fail(&reader, &mut connected, cause);
+                }
+                return;
+            }
+            _ = tokio::time::sleep(delay) => {}
         }
     }
 }
 
-async fn open(request: ws::Request, config: &Config) -> Result<ws::WsStream, Error> {
+/// Records the error that ends the stream, and reports it to a consumer still waiting for the
+/// first connection.
+fn fail(reader: &Reader, connected: &mut Option<flume::Sender<Result<(), Error>>>, e: Error) {
+    reader.shared.set_error(e.clone());
+    if let Some(tx) = connected.take() {
+        let _ = tx.send(Err(e));
+    }
+}
+
+async fn open(
+    config: &Config,
+    connection: u32,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<ws::WsStream, Error> {
+    let request = ws::prepare_request(&config.url, &config.headers)?;
     // The overall deadline bounds the opening too.
-    let open_timeout = match config.timeout {
-        Some(t) => t.min(config.open_timeout),
+    let open_timeout = match deadline {
+        Some(d) => d
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(config.open_timeout),
         None => config.open_timeout,
     };
-    let mut ws = ws::connect(request, open_timeout).await?;
-    ws::subscribe(&mut ws, &config.subscribe).await?;
+    let mut ws = ws::connect(request, open_timeout, config.max_message_size).await?;
+    match &config.subscribe {
+        Subscribe::None => {}
+        Subscribe::Messages(messages) => ws::subscribe(&mut ws, messages).await?,
+        Subscribe::Dynamic(make) => ws::subscribe(&mut ws, &make(connection)?).await?,
+    }
     Ok(ws)
+}
+
+async fn ws_sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn wait_while_running(control: &mut watch::Receiver<Control>) {

@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
@@ -17,7 +17,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::errors::Error;
-use crate::job::{Job, Kind};
+use crate::job::{extract_key, Job, Kind};
+use crate::queue::{JobQueue, Key, Push};
 use crate::state::{unix_now, Shared};
 
 pub use tokio_tungstenite::tungstenite::handshake::client::Request;
@@ -72,6 +73,11 @@ pub fn prepare_request(url: &str, headers: &[(String, String)]) -> Result<Reques
     Ok(request)
 }
 
+/// A URL as errors show it (normalised, without credentials).
+pub fn display_url(url: &str) -> String {
+    prepare_request(url, &[]).map_or_else(|_| url.to_string(), |r| redacted(r.uri()))
+}
+
 /// The URL as errors show it: without `user:password@`.
 fn redacted(uri: &tokio_tungstenite::tungstenite::http::Uri) -> String {
     let text = uri.to_string();
@@ -96,15 +102,22 @@ fn tls_connector() -> Result<Connector, Error> {
     Ok(Connector::Rustls(Arc::new(config)))
 }
 
-/// Connects and completes the opening handshake within `open_timeout`.
-pub async fn connect(request: Request, open_timeout: Duration) -> Result<WsStream, Error> {
+/// Connects and completes the opening handshake within `open_timeout`. Frames and messages
+/// larger than `max_message_size` are refused from their header, before they are read.
+pub async fn connect(
+    request: Request,
+    open_timeout: Duration,
+    max_message_size: usize,
+) -> Result<WsStream, Error> {
     let url = redacted(request.uri());
     let connector = if request.uri().scheme_str() == Some("wss") {
         Some(tls_connector()?)
     } else {
         None
     };
-    let config = WebSocketConfig::default();
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max_message_size))
+        .max_frame_size(Some(max_message_size));
     let attempt =
         tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, connector);
     match tokio::time::timeout(open_timeout, attempt).await {
@@ -168,7 +181,13 @@ fn read_error(e: WsError) -> Error {
         | WsError::AlreadyClosed => dropped("the connection was dropped without a close frame"),
         WsError::Io(io) => dropped(&format!("the connection was lost: {io}")),
         WsError::Protocol(p) => Error::Protocol(p.to_string()),
-        WsError::Capacity(c) => Error::Protocol(format!("message too big: {c}")),
+        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
+            Error::MessageTooBig {
+                size,
+                limit: max_size,
+            }
+        }
+        WsError::Capacity(c) => Error::Protocol(c.to_string()),
         WsError::Utf8(s) => Error::Protocol(format!("invalid UTF-8 in a text message: {s}")),
         other => Error::Protocol(other.to_string()),
     }
@@ -189,72 +208,140 @@ enum Stop {
     Failed(Error),
 }
 
-/// The read loop of one connection.
+/// How a connection ended, for the loop that may reconnect.
+#[derive(Debug)]
+pub enum Ended {
+    /// Asked to stop, the deadline, or a normal close by the server: the stream is over.
+    Finished,
+    /// A drop, an abnormal close or an error; the connection is gone.
+    Failed(Error),
+}
+
+/// Keepalive: a ping after `interval` of silence, and the connection declared dead when
+/// `timeout` more passes without any frame. Only time spent waiting on the socket counts, so a
+/// consumer that stops reading on purpose (backpressure) never blames the server.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Heartbeat {
+    pub interval: Option<Duration>,
+    pub timeout: Option<Duration>,
+}
+
+/// The read loop. One per stream: it serves each connection in turn, so job ids keep
+/// increasing across reconnects.
 pub struct Reader {
-    pub jobs: flume::Sender<Job>,
+    pub queue: Arc<JobQueue>,
+    /// The JSON field whose value keys each message (conflation, per-key order).
+    pub key: Option<String>,
     pub control: watch::Receiver<Control>,
     pub shared: Arc<Shared>,
     pub deadline: Option<tokio::time::Instant>,
     pub close_timeout: Duration,
+    pub heartbeat: Heartbeat,
     pub connection: u32,
     pub next_id: u64,
 }
 
 impl Reader {
-    /// Reads until asked to stop, the deadline, a close frame or an error; then closes the
-    /// connection as the cause requires and records an abnormal end in `Shared`. The job queue
-    /// is closed as soon as reading stops, so the workers drain it while the close handshake runs.
-    pub async fn run(mut self, mut ws: WsStream) {
+    /// Reads one connection until asked to stop, the deadline, a close frame or an error, then
+    /// closes it as the cause requires. Every message read has been queued when this returns.
+    pub async fn run(&mut self, mut ws: WsStream) -> Ended {
         let stop = self.read(&mut ws).await;
-        // Record an abnormal end before closing the job queue: the consumer learns that the
-        // stream is over when the workers finish, and must find the error already there.
-        match &stop {
+        let close_timeout = self.close_timeout;
+        match stop {
+            Stop::Asked(Control::Close) | Stop::Asked(Control::Run) | Stop::Deadline => {
+                close(&mut ws, CloseCode::Normal, close_timeout, true).await;
+                Ended::Finished
+            }
+            Stop::Asked(Control::Cancel) => {
+                close(&mut ws, CloseCode::Normal, close_timeout, false).await;
+                Ended::Finished
+            }
             Stop::ServerClosed(frame) => {
+                finish_handshake(&mut ws, close_timeout).await;
                 let (code, reason) = frame
                     .as_ref()
                     .map(|f| (u16::from(f.code), f.reason.to_string()))
                     .unwrap_or((1005, String::new()));
                 // 1000 is a normal close; 1005 means the server sent a close frame with no code.
-                if code != 1000 && code != 1005 {
-                    self.shared.set_error(Error::Closed { code, reason });
+                if code == 1000 || code == 1005 {
+                    Ended::Finished
+                } else {
+                    Ended::Failed(Error::Closed { code, reason })
                 }
             }
-            Stop::Failed(e) => self.shared.set_error(e.clone()),
-            Stop::Asked(_) | Stop::Deadline => {}
-        }
-        let Reader {
-            jobs,
-            close_timeout,
-            ..
-        } = self;
-        drop(jobs);
-        match stop {
-            Stop::Asked(Control::Close) | Stop::Asked(Control::Run) | Stop::Deadline => {
-                close(&mut ws, close_timeout, true).await;
+            Stop::Failed(e) => {
+                // Tell the server why, when the connection can still carry a close frame.
+                let code = match e {
+                    Error::MessageTooBig { .. } => Some(CloseCode::Size),
+                    Error::Overflow { .. } => Some(CloseCode::Policy),
+                    _ => None,
+                };
+                if let Some(code) = code {
+                    // Waiting for the reply (bounded) also reads what is still in flight, so
+                    // the server gets our close frame rather than a reset.
+                    close(&mut ws, code, close_timeout, true).await;
+                }
+                Ended::Failed(e)
             }
-            Stop::Asked(Control::Cancel) => close(&mut ws, close_timeout, false).await,
-            Stop::ServerClosed(_) => finish_handshake(&mut ws, close_timeout).await,
-            Stop::Failed(_) => {}
         }
     }
 
     async fn read(&mut self, ws: &mut WsStream) -> Stop {
+        let Heartbeat { interval, timeout } = self.heartbeat;
+        // Time spent waiting on the socket since the last frame, and its value when our ping
+        // went out.
+        let mut idle = Duration::ZERO;
+        let mut pinged_at: Option<Duration> = None;
         loop {
             let asked = *self.control.borrow_and_update();
             if asked != Control::Run {
                 return Stop::Asked(asked);
             }
-            let next = tokio::select! {
-                biased;
-                changed = self.control.changed() => {
-                    if changed.is_err() {
-                        return Stop::Asked(Control::Cancel);
-                    }
-                    continue;
-                }
-                _ = sleep_until(self.deadline) => return Stop::Deadline,
-                next = ws.next() => next,
+            let wake = match pinged_at {
+                None => interval,
+                Some(at) => timeout.map(|t| at + t),
             };
+            // A frame already buffered is taken without arming any timer (the busy path).
+            if self
+                .deadline
+                .is_some_and(|d| tokio::time::Instant::now() >= d)
+            {
+                return Stop::Deadline;
+            }
+            let next = match ws.next().now_or_never() {
+                Some(next) => next,
+                None => {
+                    let waiting = tokio::time::Instant::now();
+                    tokio::select! {
+                        biased;
+                        changed = self.control.changed() => {
+                            if changed.is_err() {
+                                return Stop::Asked(Control::Cancel);
+                            }
+                            idle += waiting.elapsed();
+                            continue;
+                        }
+                        _ = sleep_until(self.deadline) => return Stop::Deadline,
+                        _ = sleep_for(wake.map(|w| w.saturating_sub(idle))) => {
+                            idle += waiting.elapsed();
+                            if pinged_at.is_some() {
+                                return Stop::Failed(no_pong(timeout));
+                            }
+                            let ping = ws.send(Message::Ping(Bytes::new()));
+                            match tokio::time::timeout(timeout.unwrap_or(self.close_timeout), ping).await {
+                                Ok(Ok(())) => pinged_at = Some(idle),
+                                Ok(Err(e)) => return Stop::Failed(read_error(e)),
+                                Err(_) => return Stop::Failed(no_pong(timeout)),
+                            }
+                            continue;
+                        }
+                        next = ws.next() => next,
+                    }
+                }
+            };
+            // Any frame shows the server is alive.
+            idle = Duration::ZERO;
+            pinged_at = None;
             let (kind, payload) = match next {
                 Some(Ok(Message::Text(t))) => (Kind::Text, Bytes::from(t)),
                 Some(Ok(Message::Binary(b))) => (Kind::Binary, b),
@@ -265,6 +352,10 @@ impl Reader {
                 None => return Stop::Failed(dropped("the connection ended without a close frame")),
             };
             self.shared.on_received(payload.len());
+            let key = match &self.key {
+                Some(field) => extract_key(&payload, field),
+                None => None,
+            };
             let job = Job {
                 id: self.next_id,
                 kind,
@@ -273,16 +364,67 @@ impl Reader {
                 connection: self.connection,
             };
             self.next_id += 1;
-            // A received message is always handed to the pool, even during a graceful close
-            // or a cancel (the workers then count it as cancelled): this send is never raced
-            // against anything, so a job is never both delivered and dropped. While the queue is
-            // full, nothing is read and TCP pushes back on the server.
-            if self.jobs.send_async(job).await.is_err() {
-                // Every worker is gone (they only end once this loop has stopped): defensive.
-                self.shared.on_cancelled();
-                return Stop::Asked(Control::Cancel);
+            if let Err(stop) = self.enqueue(job, key).await {
+                return stop;
             }
         }
+    }
+
+    /// Queues a received message under the overflow policy. While the queue is full (policy
+    /// "block"), nothing is read and TCP pushes back on the server; a stop asked meanwhile
+    /// still queues the message (one over capacity) so that nothing read is lost, then stops.
+    async fn enqueue(&mut self, mut job: Job, mut key: Option<Key>) -> Result<(), Stop> {
+        loop {
+            match self.queue.try_push(job, key) {
+                Push::Done { dropped } => {
+                    if dropped > 0 {
+                        self.shared.on_dropped(dropped);
+                    }
+                    return Ok(());
+                }
+                Push::Overflow => {
+                    self.shared.on_dropped(1);
+                    return Err(Stop::Failed(Error::Overflow {
+                        capacity: self.queue.capacity(),
+                        job_id: self.next_id - 1,
+                    }));
+                }
+                Push::Full(j, k) => (job, key) = (j, k),
+            }
+            tokio::select! {
+                biased;
+                changed = self.control.changed() => {
+                    let asked = if changed.is_err() {
+                        Control::Cancel
+                    } else {
+                        *self.control.borrow_and_update()
+                    };
+                    if asked != Control::Run {
+                        self.queue.force_push(job, key);
+                        return Err(Stop::Asked(asked));
+                    }
+                }
+                _ = sleep_until(self.deadline) => {
+                    self.queue.force_push(job, key);
+                    return Err(Stop::Deadline);
+                }
+                _ = self.queue.space() => {}
+            }
+        }
+    }
+}
+
+fn no_pong(timeout: Option<Duration>) -> Error {
+    let after = timeout.unwrap_or_default().as_secs_f64();
+    dropped(&format!(
+        "no answer to a ping within {after:.1} s (ping_timeout): the server or the network is gone"
+    ))
+}
+
+async fn sleep_for(wait: Option<Duration>) {
+    match wait {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -295,9 +437,9 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 
 /// Sends our close frame; when `wait`, also waits (bounded) for the server's reply so the
 /// closing handshake completes, discarding data that was already in flight.
-async fn close(ws: &mut WsStream, close_timeout: Duration, wait: bool) {
+async fn close(ws: &mut WsStream, code: CloseCode, close_timeout: Duration, wait: bool) {
     let frame = CloseFrame {
-        code: CloseCode::Normal,
+        code,
         reason: "".into(),
     };
     let sent = tokio::time::timeout(close_timeout, ws.close(Some(frame))).await;

@@ -10,7 +10,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::Message;
-use wspool::{Batch, Data, DecodeMode, Error, Kind, Outgoing, Stream};
+use wspool::{Batch, Data, DecodeMode, Error, Kind, Outgoing, Stream, Subscribe};
 
 use common::*;
 
@@ -229,11 +229,11 @@ fn subscribe_messages_and_headers_arrive_first_and_in_order() {
     });
     let mut cfg = config(&server.url(), DecodeMode::Text, 1, 4);
     cfg.headers = vec![("X-Token".into(), "secret".into())];
-    cfg.subscribe = vec![
+    cfg.subscribe = Subscribe::Messages(vec![
         Outgoing::Text("sub:a".into()),
         Outgoing::Binary(vec![0, 1, 2, 255]),
         Outgoing::Text("sub:b".into()),
-    ];
+    ]);
     let stream = Stream::start(cfg, Recorder::default()).expect("start");
     connected(&stream);
     let (results, end) = collect(&stream, Duration::from_secs(5));

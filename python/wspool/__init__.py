@@ -8,13 +8,15 @@ come back to Python in batches. See :func:`consume` and :func:`run`.
 from __future__ import annotations
 
 from ._native import Job, Result, Stats, __version__
-from ._stream import Stream, consume, run
+from ._stream import Event, Reconnect, Stream, consume, run
 from .exceptions import (
     ConnectError,
     ConnectionClosed,
     DecodeError,
     HandshakeError,
     InternalError,
+    MessageTooBig,
+    Overflow,
     ProtocolError,
     Timeout,
     WspoolError,
@@ -24,10 +26,14 @@ __all__ = [
     "ConnectError",
     "ConnectionClosed",
     "DecodeError",
+    "Event",
     "HandshakeError",
     "InternalError",
     "Job",
+    "MessageTooBig",
+    "Overflow",
     "ProtocolError",
+    "Reconnect",
     "Result",
     "Stats",
     "Stream",

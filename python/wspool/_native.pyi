@@ -61,8 +61,14 @@ class Stats:
     def cancelled(self) -> int:
         """Jobs dropped unprocessed by ``cancel()``."""
     @property
+    def dropped(self) -> int:
+        """Messages dropped by the overflow policy."""
+    @property
+    def reconnects(self) -> int:
+        """Successful reconnections (connections after the first)."""
+    @property
     def in_flight(self) -> int:
-        """Jobs received but not finished yet."""
+        """Jobs received but not finished (nor dropped) yet."""
     @property
     def bytes(self) -> int:
         """Payload bytes received."""
@@ -92,12 +98,22 @@ class NativeStream:
         *,
         workers: int,
         decode: str,
-        subscribe: list[Union[str, bytes]],
+        subscribe: Union[list[Union[str, bytes]], Callable[[int], list[Union[str, bytes]]], None],
         headers: list[tuple[str, str]],
         timeout: Optional[float],
         queue_size: int,
         open_timeout: float,
         close_timeout: float,
+        overflow: str = "block",
+        key: Optional[str] = None,
+        ordered: str = "completion",
+        ping_interval: Optional[float] = 20.0,
+        ping_timeout: Optional[float] = 20.0,
+        max_message_size: int = 16777216,
+        reconnect: Optional[tuple[Optional[int], float, float, bool]] = None,
+        on_event: Optional[
+            Callable[[str, int, int, Optional[float], Optional[BaseException]], Any]
+        ] = None,
     ) -> NativeStream: ...
     def wait_connected(self) -> None:
         """Blocks until the handshake is done; raises ConnectError, HandshakeError or Timeout."""

@@ -3,14 +3,19 @@ context manager. Everything that waits runs in the native core with the GIL rele
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import collections
+import concurrent.futures
+import inspect
 import json
+import logging
 import os
 import sys
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Callable, Optional, Union
 
@@ -18,12 +23,15 @@ from . import _native
 from ._native import Job, Result, Stats
 from .exceptions import WspoolError
 
-__all__ = ["Stream", "consume", "run"]
+__all__ = ["Event", "Reconnect", "Stream", "consume", "run"]
+
+_log = logging.getLogger("wspool")
 
 Handler = Callable[[Job], Any]
 OnResult = Callable[[Result], Any]
 SubscribeItem = Union[str, bytes, Mapping[str, Any], list]
-Subscribe = Union[SubscribeItem, Iterable[SubscribeItem], None]
+SubscribeMessages = Union[SubscribeItem, Iterable[SubscribeItem], None]
+Subscribe = Union[SubscribeMessages, Callable[[Optional[Job]], SubscribeMessages]]
 Headers = Union[Mapping[str, str], Iterable["tuple[str, str]"], None]
 
 _DECODES = ("bytes", "text", "json")
@@ -31,7 +39,7 @@ _DECODES = ("bytes", "text", "json")
 _INTERRUPT_WAIT = 0.2
 
 
-def _subscribe_messages(subscribe: Subscribe) -> list[Union[str, bytes]]:
+def _subscribe_messages(subscribe: SubscribeMessages) -> list[Union[str, bytes]]:
     if subscribe is None:
         return []
     items: Iterable[Any]
@@ -52,6 +60,150 @@ def _subscribe_messages(subscribe: Subscribe) -> list[Union[str, bytes]]:
                 f"subscribe takes str, bytes, dict or a list of them, not {type(item).__name__}"
             )
     return messages
+
+
+@dataclass(frozen=True)
+class Reconnect:
+    """Reconnect policy for :func:`consume` (``reconnect=Reconnect(...)`` or ``reconnect=True``).
+
+    On a drop, an abnormal close that can be temporary (any code but 1000, 1002, 1003, 1007,
+    1008, 1009, 1010), a refused or timed-out connection, or a handshake answered with HTTP 5xx
+    or 429, wspool waits and connects again, then re-sends ``subscribe``. Other failures (TLS,
+    other 4xx, protocol violations, ``MessageTooBig``, ``Overflow``) end the stream as without
+    a policy. The wait before attempt n is ``min(maximum, initial * 2 ** (n - 1))`` seconds,
+    times a random factor from 0.5 to 1 with ``jitter``.
+
+    Args:
+        max_attempts: failed attempts in a row before giving up (the last error is raised);
+            None never gives up. A successful connection resets the count.
+        initial: seconds before the first attempt.
+        maximum: the longest wait, in seconds.
+        jitter: randomise each wait so that many clients do not reconnect in step.
+    """
+
+    max_attempts: Optional[int] = None
+    initial: float = 0.1
+    maximum: float = 30.0
+    jitter: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_attempts is not None and (
+            not isinstance(self.max_attempts, int)
+            or isinstance(self.max_attempts, bool)
+            or self.max_attempts < 0
+        ):
+            raise ValueError(f"max_attempts must be None or an int >= 0, not {self.max_attempts!r}")
+        if not 0 < self.initial <= self.maximum < float("inf"):
+            raise ValueError(
+                f"Reconnect needs 0 < initial <= maximum < inf, got initial={self.initial!r}, "
+                f"maximum={self.maximum!r}"
+            )
+
+
+@dataclass(frozen=True)
+class Event:
+    """What ``on_event`` receives about the connection.
+
+    Attributes:
+        kind: ``"connected"``, ``"disconnected"`` or ``"retrying"``.
+        connection: the connection's number (0 for the first; for ``"retrying"``, the number
+            the next connection will get). ``job.connection`` carries the same numbers, so a
+            change of number marks where messages may have been missed.
+        attempt: for ``"retrying"``, the attempt about to be made (1, 2, ...); else 0.
+        delay: for ``"retrying"``, the seconds waited before it; else None.
+        cause: the exception that ended the connection or failed the attempt; None for a
+            normal end and for ``"connected"``.
+    """
+
+    kind: str
+    connection: int
+    attempt: int = 0
+    delay: Optional[float] = None
+    cause: Optional[BaseException] = None
+
+
+OnEvent = Callable[[Event], Any]
+
+
+def _log_event(event: Event) -> None:
+    """The default ``on_event`` with a reconnect policy: say what happens on the "wspool"
+    logger."""
+    if event.kind == "retrying":
+        _log.warning(
+            "connection lost (%s); reconnecting in %.2f s (attempt %d)",
+            event.cause,
+            event.delay,
+            event.attempt,
+        )
+    elif event.kind == "connected" and event.connection > 0:
+        _log.warning("reconnected (connection %d)", event.connection)
+
+
+def _reconnect_args(
+    reconnect: Union[bool, Reconnect, None],
+) -> Optional[tuple[Optional[int], float, float, bool]]:
+    if reconnect is None or reconnect is False:
+        return None
+    if reconnect is True:
+        reconnect = Reconnect()
+    if not isinstance(reconnect, Reconnect):
+        raise ValueError(
+            f"reconnect must be a bool, None or wspool.Reconnect, not {type(reconnect).__name__}"
+        )
+    return (
+        reconnect.max_attempts,
+        float(reconnect.initial),
+        float(reconnect.maximum),
+        bool(reconnect.jitter),
+    )
+
+
+class _Resume:
+    """What a subscribe callable needs: the last job delivered, and its own exception."""
+
+    def __init__(self, make: Callable[[Optional[Job]], SubscribeMessages]) -> None:
+        self.make = make
+        self.last: Optional[Job] = None
+        self.error: Optional[BaseException] = None
+
+    def __call__(self, connection: int) -> list[Union[str, bytes]]:
+        try:
+            return _subscribe_messages(self.make(self.last))
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+
+class _AsyncHandlers:
+    """Runs an ``async def`` handler's coroutines on one event loop in a dedicated thread; each
+    pool worker waits (GIL released) for the one it submitted, so at most ``workers`` run at
+    once."""
+
+    def __init__(self, handler: Callable[[Job], Awaitable[Any]]) -> None:
+        self.handler = handler
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="wspool-async-handlers", daemon=True
+        )
+        self.thread.start()
+
+    def __call__(self, job: Job) -> Any:
+        coroutine = self.handler(job)
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(1.0)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+def _is_async(handler: Any) -> bool:
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)
+    )
 
 
 def _header_pairs(headers: Headers) -> list[tuple[str, str]]:
@@ -122,11 +274,22 @@ class Stream:
         on_result: Optional[OnResult],
         close_timeout: float,
         batch_size: int = 1024,
+        *,
+        connected: bool = True,
+        resume: Optional[_Resume] = None,
+        async_handlers: Optional[_AsyncHandlers] = None,
     ) -> None:
         self._native = native
         self._on_result = on_result
         self._close_timeout = close_timeout
         self._batch_size = batch_size
+        self._connected = connected
+        self._resume = resume
+        self._async_handlers = async_handlers
+        # The thread that hands batches to an event loop (async iteration), made on first use,
+        # and the batch it is fetching (kept across a cancelled await, so nothing is lost).
+        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._pending: Optional[concurrent.futures.Future[Optional[list[Result]]]] = None
         self._buffer: collections.deque[Result] = collections.deque()
         # Results not yet passed to on_result (if it raised, the rest wait here).
         self._undelivered: collections.deque[Result] = collections.deque()
@@ -146,11 +309,29 @@ class Stream:
         buffer = self._buffer
         while not buffer:
             if not self._fill():
-                if self._error is not None and not self._error_raised:
-                    self._error_raised = True
-                    raise self._error
-                raise StopIteration
-        return buffer.popleft()
+                self._raise_end(StopIteration)
+        result = buffer.popleft()
+        if self._resume is not None:
+            self._resume.last = result.job
+        return result
+
+    def _raise_end(self, stop: type[Exception]) -> None:
+        if self._error is not None and not self._error_raised:
+            self._error_raised = True
+            raise self._error
+        raise stop
+
+    def _ensure_connected(self) -> None:
+        # consume() inside a running event loop does not wait for the handshake; a synchronous
+        # use of that stream waits here (GIL released) and raises what the opening raised.
+        if self._connected:
+            return
+        try:
+            self._native.wait_connected()
+        except WspoolError:
+            self._abort(self._close_timeout)
+            raise
+        self._connected = True
 
     def _fill(self) -> bool:
         """Moves one batch from the native side into the buffer and passes each result to
@@ -159,21 +340,25 @@ class Stream:
             self._deliver()
             if self._finished:
                 return False
+            self._ensure_connected()
             try:
                 batch = self._native.next_batch(self._batch_size)
             except WspoolError as error:
                 self._finish(error)
                 return False
-            if batch is None:
-                self._finish(None)
-                return False
-            # Buffered first: if on_result raises, the batch is still there for the iterator,
-            # and the results it has not seen yet are passed to it on the next fill or close.
-            self._buffer.extend(batch)
-            if self._on_result is not None:
-                self._undelivered.extend(batch)
-                self._deliver()
-            return True
+            return self._take(batch)
+
+    def _take(self, batch: Optional[list[Result]]) -> bool:
+        if batch is None:
+            self._finish(None)
+            return False
+        # Buffered first: if on_result raises, the batch is still there for the iterator, and
+        # the results it has not seen yet are passed to it on the next fill or close.
+        self._buffer.extend(batch)
+        if self._on_result is not None:
+            self._undelivered.extend(batch)
+            self._deliver()
+        return True
 
     def _deliver(self) -> None:
         on_result, pending = self._on_result, self._undelivered
@@ -182,12 +367,18 @@ class Stream:
         self._delivering = True
         try:
             while pending:
-                on_result(pending.popleft())
+                result = pending.popleft()
+                if self._resume is not None:
+                    self._resume.last = result.job
+                on_result(result)
         finally:
             self._delivering = False
 
     def _finish(self, error: Optional[BaseException]) -> None:
         self._finished = True
+        resume_error = self._resume.error if self._resume is not None else None
+        if error is not None and resume_error is not None and error.__cause__ is None:
+            error.__cause__ = resume_error
         self._error = error
         self._join(self._close_timeout)
 
@@ -196,6 +387,115 @@ class Stream:
         # waits for them.
         if self._native.join(timeout):
             _live.discard(self)
+            self._release()
+
+    def _release(self) -> None:
+        """Ends the helper threads once the native ones have ended."""
+        if self._async_handlers is not None:
+            self._async_handlers.stop()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    # -- asyncio -----------------------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[Result]:
+        return self
+
+    async def __anext__(self) -> Result:
+        buffer = self._buffer
+        while not buffer:
+            if not await self._afill():
+                self._raise_end(StopAsyncIteration)
+        result = buffer.popleft()
+        if self._resume is not None:
+            self._resume.last = result.job
+        return result
+
+    def _run_in_thread(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="wspool-async"
+            )
+        return self._executor.submit(fn)
+
+    async def _afill(self) -> bool:
+        """The async `_fill`: a helper thread waits for the batch (GIL released) and the event
+        loop is woken through its thread-safe call when it is there; the loop never blocks."""
+        self._deliver()
+        if self._finished:
+            return False
+        if self._pending is None:
+            self._pending = self._run_in_thread(lambda: self._native.next_batch(self._batch_size))
+        pending = self._pending
+        try:
+            batch = await asyncio.wrap_future(pending)
+        except WspoolError as error:
+            self._pending = None
+            await self._afinish(error)
+            return False
+        # Only now: if the await was cancelled, the batch stays in `pending` for the next call.
+        self._pending = None
+        if batch is None:
+            await self._afinish(None)
+            return False
+        return self._take(batch)
+
+    async def _afinish(self, error: Optional[BaseException]) -> None:
+        self._finished = True
+        resume_error = self._resume.error if self._resume is not None else None
+        if error is not None and resume_error is not None and error.__cause__ is None:
+            error.__cause__ = resume_error
+        self._error = error
+        await self._ajoin(self._close_timeout)
+
+    async def _ajoin(self, timeout: float) -> None:
+        joined = await asyncio.wrap_future(self._run_in_thread(lambda: self._native.join(timeout)))
+        if joined:
+            _live.discard(self)
+            self._release()
+
+    async def __aenter__(self) -> Stream:
+        if not self._connected:
+            try:
+                await asyncio.wrap_future(self._run_in_thread(self._native.wait_connected))
+            except BaseException:
+                self._native.cancel()
+                self._finished = True
+                await self._ajoin(self._close_timeout)
+                raise
+            self._connected = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        if exc_type is None or issubclass(exc_type, Exception):
+            await self.aclose()
+        else:
+            # Cancelled or interrupted: do not wait for running handlers more than a moment.
+            self._native.cancel()
+            self._buffer.clear()
+            self._undelivered.clear()
+            self._finished = True
+            await self._ajoin(min(self._close_timeout, _INTERRUPT_WAIT))
+
+    async def aclose(self) -> None:
+        """The async :meth:`close`: stop reading, let the received jobs finish and deliver
+        their results (to ``on_result`` now; to the async iterator, which yields them and then
+        stops), without blocking the event loop."""
+        self._native.close()
+        if self._delivering or _native.on_stream_thread():
+            return
+        try:
+            while await self._afill():
+                pass
+        except BaseException:
+            self._native.cancel()
+            self._finished = True
+            raise
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -236,12 +536,14 @@ class Stream:
 
     def _abort(self, wait: float) -> None:
         self._native.cancel()
+        self._pending = None
         self._buffer.clear()
         self._undelivered.clear()
         self._finished = True
         self._join(wait)
 
     def __enter__(self) -> Stream:
+        self._ensure_connected()
         return self
 
     def __exit__(
@@ -291,30 +593,66 @@ def consume(
     on_result: Optional[OnResult] = None,
     timeout: Optional[float] = None,
     queue_size: int = 1024,
+    overflow: str = "block",
+    key: Optional[str] = None,
+    ordered: Union[bool, str] = False,
+    reconnect: Union[bool, Reconnect, None] = None,
+    on_event: Optional[OnEvent] = None,
+    ping_interval: Optional[float] = 20.0,
+    ping_timeout: Optional[float] = 20.0,
+    max_message_size: int = 16 * 1024 * 1024,
     open_timeout: float = 10.0,
     close_timeout: float = 5.0,
 ) -> Stream:
     """Connects to ``url`` and processes every message on a native worker pool.
 
     Returns a :class:`Stream` once the handshake is done; use it as a context manager and
-    iterate it for results.
+    iterate it for results. Inside a running asyncio event loop it returns at once instead:
+    use ``async with consume(...) as stream: async for result in stream``, which waits for the
+    handshake and for results without blocking the loop.
 
     Args:
         url: ``ws://`` or ``wss://`` URL (wss uses rustls with the webpki root certificates).
         handler: called as ``handler(job)`` on a pool thread for each message; its return value
             becomes ``result.value`` and an exception it raises becomes ``result.error`` (the
-            stream goes on). ``None``: the value is the decoded payload.
+            stream goes on). An ``async def`` handler runs on one event loop in a dedicated
+            thread, at most ``workers`` at once. ``None``: the value is the decoded payload.
         workers: size of the pool; default ``os.cpu_count()``.
         decode: ``"bytes"``, ``"text"`` (default) or ``"json"``; done on the workers without the
             GIL. A payload that does not decode gives a result whose error is a DecodeError.
         subscribe: a str, bytes, dict (sent as JSON) or a list of them, sent in order right
-            after connecting.
+            after each connect; or a callable that receives the last job delivered to you (None
+            at first) and returns them, e.g. to ask the server to replay from a sequence number
+            after a reconnect (called on the I/O thread: keep it quick).
         headers: extra handshake headers, as a dict or (name, value) pairs.
         on_result: called once per result, never concurrently, in the consuming thread.
         timeout: overall deadline in seconds; then the stream closes gracefully.
-        queue_size: capacity of the job queue and of the result queue. When both are full,
-            reading stops and TCP pushes back on the server; memory stays bounded by about
-            ``2 * queue_size + workers`` messages.
+        queue_size: jobs that may wait for a worker; also the size of the result queue and of
+            the reorder window. Memory stays bounded by about ``(2 * queue_size + workers)``
+            messages (``3 * queue_size + workers`` with ``ordered=True``).
+        overflow: what a message does when ``queue_size`` jobs wait: ``"block"`` (default:
+            stop reading, so TCP pushes back on the server), ``"drop_oldest"``,
+            ``"drop_newest"``, ``"error"`` (the iterator raises :class:`Overflow`), or
+            ``"conflate"`` (with ``key``: keep only the newest waiting message per key).
+            Dropped messages are counted in ``stats.dropped``.
+        key: a top-level JSON field whose value keys each message (read natively), for
+            ``overflow="conflate"`` and ``ordered="key"``. Messages without it are never
+            conflated and not ordered.
+        ordered: ``False`` (default): results in completion order. ``True``: in receipt order,
+            through a bounded reorder window (a slow job holds back the ones behind it).
+            ``"key"``: receipt order within each key, different keys in parallel.
+        reconnect: ``True`` or a :class:`Reconnect` policy: reconnect after drops with
+            backoff. ``job.connection`` numbers the connections; ``stats.reconnects`` counts
+            them.
+        on_event: called with an :class:`Event` on connected / disconnected / retrying, on the
+            I/O thread (keep it quick). Default with ``reconnect``: log on the "wspool" logger.
+        ping_interval: seconds of silence before a ping is sent; None: no pings.
+        ping_timeout: seconds after that ping without any frame before the connection is
+            declared dead (a drop, code 1006); None: never. Only time spent waiting on the
+            socket counts, so a consumer that pauses reading (backpressure) never blames the
+            server.
+        max_message_size: bytes; a larger message ends the connection with
+            :class:`MessageTooBig` (close code 1009), refused before it is read whole.
         open_timeout: seconds allowed for TCP + TLS + handshake.
         close_timeout: seconds allowed for the closing handshake and for threads to end.
 
@@ -327,33 +665,95 @@ def consume(
         raise ValueError(f"handler must be callable or None, not {type(handler).__name__}")
     if on_result is not None and not callable(on_result):
         raise ValueError(f"on_result must be callable or None, not {type(on_result).__name__}")
+    if on_event is not None and not callable(on_event):
+        raise ValueError(f"on_event must be callable or None, not {type(on_event).__name__}")
     if decode not in _DECODES:
         raise ValueError(f'decode must be "bytes", "text" or "json", not {decode!r}')
     if workers is None:
         workers = os.cpu_count() or 1
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise ValueError(f"workers must be a positive int, not {workers!r}")
-    if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size < 1:
-        raise ValueError(f"queue_size must be a positive int, not {queue_size!r}")
-    native = _native.NativeStream(
-        url,
-        handler,
-        workers=workers,
-        decode=decode,
-        subscribe=_subscribe_messages(subscribe),
-        headers=_header_pairs(headers),
-        timeout=None if timeout is None else float(timeout),
-        queue_size=queue_size,
-        open_timeout=float(open_timeout),
-        close_timeout=float(close_timeout),
+    for name, value in (
+        ("workers", workers),
+        ("queue_size", queue_size),
+        ("max_message_size", max_message_size),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, not {value!r}")
+    if ordered is False:
+        order = "completion"
+    elif ordered is True:
+        order = "receipt"
+    elif ordered == "key":
+        order = "key"
+    else:
+        raise ValueError(f'ordered must be False, True or "key", not {ordered!r}')
+    if key is not None and (not isinstance(key, str) or not key):
+        raise ValueError(f"key must be a non-empty str (a JSON field name), not {key!r}")
+    reconnect_args = _reconnect_args(reconnect)
+    if on_event is None and reconnect_args is not None:
+        on_event = _log_event
+    native_on_event = None
+    if on_event is not None:
+        user_on_event = on_event
+
+        def native_on_event(
+            kind: str,
+            connection: int,
+            attempt: int,
+            delay: Optional[float],
+            cause: Optional[BaseException],
+        ) -> None:
+            user_on_event(Event(kind, connection, attempt, delay, cause))
+
+    resume = None
+    native_subscribe: Any
+    if callable(subscribe):
+        resume = _Resume(subscribe)
+        native_subscribe = resume
+    else:
+        native_subscribe = _subscribe_messages(subscribe)
+    async_handlers = None
+    if handler is not None and _is_async(handler):
+        async_handlers = _AsyncHandlers(handler)
+        handler = async_handlers
+    try:
+        native = _native.NativeStream(
+            url,
+            handler,
+            workers=workers,
+            decode=decode,
+            subscribe=native_subscribe,
+            headers=_header_pairs(headers),
+            timeout=None if timeout is None else float(timeout),
+            queue_size=queue_size,
+            open_timeout=float(open_timeout),
+            close_timeout=float(close_timeout),
+            overflow=overflow,
+            key=key,
+            ordered=order,
+            ping_interval=None if ping_interval is None else float(ping_interval),
+            ping_timeout=None if ping_timeout is None else float(ping_timeout),
+            max_message_size=max_message_size,
+            reconnect=reconnect_args,
+            on_event=native_on_event,
+        )
+    except BaseException:
+        if async_handlers is not None:
+            async_handlers.stop()
+        raise
+    stream = Stream(
+        native,
+        on_result,
+        close_timeout,
+        connected=False,
+        resume=resume,
+        async_handlers=async_handlers,
     )
     try:
-        native.wait_connected()
-    except BaseException:
-        native.cancel()
-        native.join(close_timeout)
-        raise
-    return Stream(native, on_result, close_timeout)
+        asyncio.get_running_loop()
+    except RuntimeError:
+        # No event loop here: wait for the handshake now, so errors surface from consume().
+        stream._ensure_connected()
+    return stream
 
 
 def run(

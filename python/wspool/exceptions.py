@@ -9,6 +9,8 @@ the builtin :class:`ValueError` before any thread starts. The tree::
         │   └── HandshakeError    the server refused the upgrade        (.url, .status, .body)
         ├── Timeout               connect + handshake took too long     (.url); also a TimeoutError
         ├── ConnectionClosed      abnormal close frame or a drop        (.code, .reason)
+        │   └── MessageTooBig     a message over max_message_size; 1009 (.size, .limit)
+        ├── Overflow              the job queue was full with overflow="error" (.capacity, .job_id)
         ├── ProtocolError         the server broke RFC 6455
         ├── DecodeError           a payload did not decode              (.job_id, .payload);
         │                         delivered in ``Result.error``, never raised by the iterator;
@@ -31,6 +33,8 @@ __all__ = [
     "DecodeError",
     "HandshakeError",
     "InternalError",
+    "MessageTooBig",
+    "Overflow",
     "ProtocolError",
     "Timeout",
     "WspoolError",
@@ -86,6 +90,33 @@ class ConnectionClosed(WspoolError):
         super().__init__(message)
         self.code = code
         self.reason = reason
+
+
+class MessageTooBig(ConnectionClosed):
+    """A message was larger than ``max_message_size``; the connection was closed with 1009.
+
+    Refused from the frame header (or when fragments add up past the limit), before the whole
+    message is read. ``size`` is how big the message was known to be when it was refused
+    (at least), ``limit`` the limit.
+    """
+
+    def __init__(self, message: str, *, size: int = 0, limit: int = 0) -> None:
+        super().__init__(message, code=1009, reason="message too big")
+        self.size = size
+        self.limit = limit
+
+
+class Overflow(WspoolError):
+    """With ``overflow="error"``, a message arrived while ``queue_size`` jobs were waiting.
+
+    Raised by the iterator after the results of the messages before it; the connection was
+    closed with 1008. ``capacity`` is the queue size, ``job_id`` the id of the refused message.
+    """
+
+    def __init__(self, message: str, *, capacity: int = 0, job_id: int = -1) -> None:
+        super().__init__(message)
+        self.capacity = capacity
+        self.job_id = job_id
 
 
 class ProtocolError(WspoolError):

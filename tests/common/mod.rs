@@ -1,6 +1,8 @@
 //! Helpers for the integration tests: a one-connection server on its own tokio runtime and
 //! thread, a recording `Processor`, and bounded waits on the client side. Every wait here has a
 //! limit, so a broken stream fails a test instead of hanging it.
+// Each test crate uses some of these helpers.
+#![allow(dead_code)]
 
 use std::future::Future;
 use std::ops::Range;
@@ -51,6 +53,41 @@ where
     Fut: Future<Output = T> + 'static,
     T: Send + 'static,
 {
+    serve_listener(move |listener| async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        handler(tcp).await
+    })
+}
+
+/// Accepts `n` WebSocket connections in turn on one port and runs `handler(index, ws)` on
+/// each (the next is accepted once the handler returns); returns what the handlers returned.
+pub fn serve_ws_many<F, Fut, T>(n: usize, handler: F) -> Server<Vec<T>>
+where
+    F: Fn(usize, ServerWs) -> Fut + Send + 'static,
+    Fut: Future<Output = T> + 'static,
+    T: Send + 'static,
+{
+    serve_listener(move |listener| async move {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let ws = tokio_tungstenite::accept_async(tcp)
+                .await
+                .expect("server side of the handshake");
+            out.push(handler(i, ws).await);
+        }
+        out
+    })
+}
+
+/// Runs `handler` with a listener on 127.0.0.1, on a current-thread runtime in a thread of
+/// its own, for at most `SERVER_LIMIT`.
+pub fn serve_listener<F, Fut, T>(handler: F) -> Server<T>
+where
+    F: FnOnce(TcpListener) -> Fut + Send + 'static,
+    Fut: Future<Output = T> + 'static,
+    T: Send + 'static,
+{
     let (port_tx, port_rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("test-server".into())
@@ -63,12 +100,9 @@ where
                 let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
                 let port = listener.local_addr().expect("local address").port();
                 port_tx.send(port).expect("send the port");
-                tokio::time::timeout(SERVER_LIMIT, async move {
-                    let (tcp, _) = listener.accept().await.expect("accept");
-                    handler(tcp).await
-                })
-                .await
-                .ok()
+                tokio::time::timeout(SERVER_LIMIT, handler(listener))
+                    .await
+                    .ok()
             })
         })
         .expect("spawn the server thread");

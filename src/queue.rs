@@ -1,0 +1,446 @@
+//! The bounded job queue between the read loop and the workers, with the overflow policies and
+//! the two keyed modes (conflation, per-key order). One mutex guards it; workers wait on a
+//! condition variable, the read loop (async) on a `Notify`. No PyO3 here.
+//!
+//! Plain mode is a FIFO of jobs. When messages carry a key (`key=` with `overflow="conflate"`
+//! or `ordered="key"`), keyed jobs wait in one FIFO per key and the run queue holds the key
+//! instead; a job without the key is queued on its own, as in plain mode.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::Notify;
+
+use crate::job::Job;
+
+/// What to do with a message that arrives while `queue_size` jobs are already waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Stop reading until a job is taken; TCP then pushes back on the server.
+    Block,
+    /// Drop the job that has waited longest, queue the new one.
+    DropOldest,
+    /// Drop the new message.
+    DropNewest,
+    /// End the stream with an overflow error.
+    Error,
+    /// Keep only the newest waiting message per key (needs a key); a full queue of distinct
+    /// keys blocks.
+    Conflate,
+}
+
+impl std::str::FromStr for Overflow {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "block" => Overflow::Block,
+            "drop_oldest" => Overflow::DropOldest,
+            "drop_newest" => Overflow::DropNewest,
+            "error" => Overflow::Error,
+            "conflate" => Overflow::Conflate,
+            other => {
+                return Err(format!(
+                    "overflow must be \"block\", \"drop_oldest\", \"drop_newest\", \"error\" \
+                     or \"conflate\", not {other:?}"
+                ))
+            }
+        })
+    }
+}
+
+/// The order results come out in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// As jobs finish (fastest).
+    Completion,
+    /// Receipt order, through a bounded reorder window.
+    Receipt,
+    /// Receipt order within each key; different keys run in parallel.
+    Key,
+}
+
+pub type Key = Box<str>;
+
+enum Entry {
+    Job(Job),
+    /// The front job of this key's FIFO is ready to run.
+    Key(Key),
+}
+
+#[derive(Default)]
+struct State {
+    runnable: VecDeque<Entry>,
+    groups: HashMap<Key, VecDeque<Job>>,
+    /// Keys with a job running (per-key order only).
+    busy: HashSet<Key>,
+    len: usize,
+    closed: bool,
+    next_slot: u64,
+}
+
+/// A job handed to a worker.
+pub struct Popped {
+    pub job: Job,
+    /// 0, 1, 2... in the order jobs leave the queue, which is receipt order for the jobs that
+    /// were not dropped: the reorder window sorts results by it.
+    pub slot: u64,
+    /// With per-key order, the key to release with [`JobQueue::done`] once the result is out.
+    pub key: Option<Key>,
+}
+
+/// What [`JobQueue::try_push`] did.
+#[derive(Debug)]
+pub enum Push {
+    /// Queued; `dropped` waiting jobs (or the new one) were dropped by the policy (0 or 1).
+    Done { dropped: u64 },
+    /// Full and the policy blocks: wait for [`JobQueue::space`], then try again.
+    Full(Job, Option<Key>),
+    /// Full with `Overflow::Error`.
+    Overflow,
+}
+
+pub struct JobQueue {
+    state: Mutex<State>,
+    ready: Condvar,
+    space: Notify,
+    capacity: usize,
+    overflow: Overflow,
+    per_key: bool,
+}
+
+impl JobQueue {
+    pub fn new(capacity: usize, overflow: Overflow, order: Order) -> Self {
+        JobQueue {
+            state: Mutex::new(State::default()),
+            ready: Condvar::new(),
+            space: Notify::new(),
+            capacity: capacity.max(1),
+            overflow,
+            per_key: order == Order::Key,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the state consistent before anything can panic.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Jobs waiting (not yet taken by a worker).
+    pub fn len(&self) -> usize {
+        self.lock().len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Queues a job under the overflow policy, without waiting. `key` only matters when the
+    /// queue is keyed (conflation or per-key order).
+    pub fn try_push(&self, job: Job, key: Option<Key>) -> Push {
+        let mut st = self.lock();
+        if self.overflow == Overflow::Conflate {
+            if let Some(pending) = key
+                .as_ref()
+                .and_then(|k| st.groups.get_mut(k))
+                .and_then(|g| g.front_mut())
+            {
+                // At most one job waits per key: the newest replaces it in place.
+                *pending = job;
+                return Push::Done { dropped: 1 };
+            }
+        }
+        let mut dropped = 0;
+        if st.len >= self.capacity {
+            match self.overflow {
+                Overflow::Block | Overflow::Conflate => return Push::Full(job, key),
+                Overflow::DropNewest => return Push::Done { dropped: 1 },
+                Overflow::Error => return Push::Overflow,
+                Overflow::DropOldest => {
+                    if !remove_oldest(&mut st) {
+                        // Every waiting job belongs to a key that is running: keep them.
+                        return Push::Done { dropped: 1 };
+                    }
+                    dropped = 1;
+                }
+            }
+        }
+        self.insert(&mut st, job, key);
+        drop(st);
+        self.ready.notify_one();
+        Push::Done { dropped }
+    }
+
+    /// Queues a job even when the queue is full (by one at most per call): for a message that
+    /// was read just before the stream was asked to stop, which must not be lost.
+    pub fn force_push(&self, job: Job, key: Option<Key>) {
+        let mut st = self.lock();
+        self.insert(&mut st, job, key);
+        drop(st);
+        self.ready.notify_one();
+    }
+
+    fn insert(&self, st: &mut State, job: Job, key: Option<Key>) {
+        st.len += 1;
+        match key {
+            Some(k) if self.overflow == Overflow::Conflate || self.per_key => {
+                let group = st.groups.entry(k.clone()).or_default();
+                group.push_back(job);
+                if group.len() == 1 && !st.busy.contains(&k) {
+                    st.runnable.push_back(Entry::Key(k));
+                }
+            }
+            _ => st.runnable.push_back(Entry::Job(job)),
+        }
+    }
+
+    /// Resolves once a job may have left the queue since the last call (a stored permit makes
+    /// it resolve at once): the read loop waits on it while the queue is full.
+    pub async fn space(&self) {
+        self.space.notified().await;
+    }
+
+    /// Takes the next runnable job, waiting for one. None once the queue is closed and empty.
+    pub fn pop(&self) -> Option<Popped> {
+        let mut st = self.lock();
+        loop {
+            if let Some(entry) = st.runnable.pop_front() {
+                let Some(popped) = self.take(&mut st, entry) else {
+                    continue;
+                };
+                drop(st);
+                self.space.notify_one();
+                return Some(popped);
+            }
+            if st.closed && st.len == 0 {
+                return None;
+            }
+            // Closed but jobs wait behind running keys: `done` wakes us.
+            st = self.ready.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn take(&self, st: &mut State, entry: Entry) -> Option<Popped> {
+        let (job, key) = match entry {
+            Entry::Job(job) => (job, None),
+            Entry::Key(k) => {
+                let group = st.groups.get_mut(&k);
+                let (job, rest) = match group {
+                    Some(g) => (g.pop_front(), g.len()),
+                    None => (None, 0),
+                };
+                // A key is runnable only while its FIFO has a job; skip it otherwise.
+                let job = job?;
+                if rest == 0 {
+                    st.groups.remove(&k);
+                }
+                if self.per_key {
+                    st.busy.insert(k.clone());
+                    (job, Some(k))
+                } else {
+                    if rest > 0 {
+                        st.runnable.push_back(Entry::Key(k));
+                    }
+                    (job, None)
+                }
+            }
+        };
+        st.len -= 1;
+        let slot = st.next_slot;
+        st.next_slot += 1;
+        Some(Popped { job, slot, key })
+    }
+
+    /// With per-key order: the job of `key` has finished and its result is out; the next job
+    /// of that key may run.
+    pub fn done(&self, key: Key) {
+        let mut st = self.lock();
+        st.busy.remove(&key);
+        if st.groups.contains_key(&key) {
+            st.runnable.push_back(Entry::Key(key));
+            drop(st);
+            self.ready.notify_one();
+        } else if st.closed && st.len == 0 {
+            drop(st);
+            self.ready.notify_all();
+        }
+    }
+
+    /// No more jobs will come: workers end once the waiting ones are taken.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+    }
+}
+
+/// Drops the job that has waited longest among the runnable ones; false if none is.
+fn remove_oldest(st: &mut State) -> bool {
+    match st.runnable.front() {
+        None => false,
+        Some(Entry::Job(_)) => {
+            st.runnable.pop_front();
+            st.len -= 1;
+            true
+        }
+        Some(Entry::Key(k)) => {
+            let k = k.clone();
+            let now_empty = st.groups.get_mut(&k).is_none_or(|g| {
+                g.pop_front();
+                g.is_empty()
+            });
+            if now_empty {
+                st.groups.remove(&k);
+                st.runnable.pop_front();
+            }
+            st.len -= 1;
+            true
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::Kind;
+    use bytes::Bytes;
+
+    fn job(id: u64) -> Job {
+        Job {
+            id,
+            kind: Kind::Text,
+            payload: Bytes::new(),
+            received_at: 0.0,
+            connection: 0,
+        }
+    }
+
+    fn key(k: &str) -> Option<Key> {
+        Some(k.into())
+    }
+
+    fn drain(q: &JobQueue) -> Vec<u64> {
+        q.close();
+        std::iter::from_fn(|| q.pop().map(|p| p.job.id)).collect()
+    }
+
+    fn push_all(q: &JobQueue, jobs: impl IntoIterator<Item = (u64, Option<Key>)>) -> u64 {
+        let mut dropped = 0;
+        for (id, k) in jobs {
+            match q.try_push(job(id), k) {
+                Push::Done { dropped: d } => dropped += d,
+                other => panic!("job {id}: {other:?}"),
+            }
+        }
+        dropped
+    }
+
+    #[test]
+    fn block_reports_full_and_keeps_the_job() {
+        let q = JobQueue::new(2, Overflow::Block, Order::Completion);
+        assert_eq!(push_all(&q, [(0, None), (1, None)]), 0);
+        match q.try_push(job(2), None) {
+            Push::Full(j, None) => assert_eq!(j.id, 2),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(q.pop().map(|p| (p.job.id, p.slot)), Some((0, 0)));
+        assert_eq!(push_all(&q, [(2, None)]), 0);
+        assert_eq!(drain(&q), vec![1, 2]);
+    }
+
+    #[test]
+    fn drop_policies_count_exactly() {
+        let q = JobQueue::new(3, Overflow::DropNewest, Order::Completion);
+        assert_eq!(push_all(&q, (0..10).map(|i| (i, None))), 7);
+        assert_eq!(drain(&q), vec![0, 1, 2]);
+
+        let q = JobQueue::new(3, Overflow::DropOldest, Order::Completion);
+        assert_eq!(push_all(&q, (0..10).map(|i| (i, None))), 7);
+        assert_eq!(drain(&q), vec![7, 8, 9]);
+
+        let q = JobQueue::new(1, Overflow::Error, Order::Completion);
+        assert_eq!(push_all(&q, [(0, None)]), 0);
+        assert!(matches!(q.try_push(job(1), None), Push::Overflow));
+    }
+
+    #[test]
+    fn conflate_keeps_the_newest_per_key_in_first_arrival_order() {
+        let q = JobQueue::new(2, Overflow::Conflate, Order::Completion);
+        let dropped = push_all(
+            &q,
+            [(0, key("a")), (1, key("b")), (2, key("a")), (3, key("a"))],
+        );
+        assert_eq!(dropped, 2);
+        // A third key does not fit; messages without the key are never conflated.
+        assert!(matches!(q.try_push(job(4), key("c")), Push::Full(..)));
+        assert_eq!(q.pop().map(|p| p.job.id), Some(3));
+        assert_eq!(push_all(&q, [(5, None)]), 0);
+        assert_eq!(drain(&q), vec![1, 5]);
+    }
+
+    #[test]
+    fn per_key_order_runs_one_job_per_key_at_a_time() {
+        let q = JobQueue::new(10, Overflow::Block, Order::Key);
+        push_all(
+            &q,
+            [
+                (0, key("a")),
+                (1, key("a")),
+                (2, key("b")),
+                (3, None),
+                (4, key("a")),
+            ],
+        );
+        let first = q.pop().expect("a0");
+        assert_eq!((first.job.id, first.key.as_deref()), (0, Some("a")));
+        // "a" is busy: b, then the unkeyed job, then nothing runnable.
+        assert_eq!(q.pop().map(|p| p.job.id), Some(2));
+        assert_eq!(q.pop().map(|p| p.job.id), Some(3));
+        assert_eq!(q.len(), 2);
+        q.done(first.key.expect("key"));
+        let next = q.pop().expect("a1");
+        assert_eq!(next.job.id, 1);
+        q.close();
+        // Closed, but a2 waits behind a1: a worker waiting now is woken by done().
+        let waiter = std::thread::scope(|s| {
+            let h = s.spawn(|| q.pop().map(|p| p.job.id));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            q.done(next.key.expect("key"));
+            h.join().expect("waiter")
+        });
+        assert_eq!(waiter, Some(4));
+        assert!(q.pop().is_none());
+    }
+
+    #[test]
+    fn drop_oldest_spares_jobs_behind_a_running_key() {
+        let q = JobQueue::new(2, Overflow::DropOldest, Order::Key);
+        push_all(&q, [(0, key("a")), (1, key("a"))]);
+        let running = q.pop().expect("a0");
+        push_all(&q, [(2, key("a"))]);
+        // Full (a1, a2), both behind the running a0: the new message is the one dropped.
+        assert_eq!(push_all(&q, [(3, key("a"))]), 1);
+        q.done(running.key.expect("key"));
+        let mut ids = Vec::new();
+        q.close();
+        while let Some(p) = q.pop() {
+            ids.push(p.job.id);
+            if let Some(k) = p.key {
+                q.done(k);
+            }
+        }
+        assert_eq!(ids, vec![1, 2]);
+    }
+
+    #[test]
+    fn parses_overflow_names() {
+        assert_eq!("drop_oldest".parse::<Overflow>(), Ok(Overflow::DropOldest));
+        assert!("spill"
+            .parse::<Overflow>()
+            .unwrap_err()
+            .contains("\"spill\""));
+    }
+}
