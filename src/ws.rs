@@ -271,15 +271,18 @@ impl Reader {
             }
             Stop::Failed(e) => {
                 // Tell the server why, when the connection can still carry a close frame.
-                let code = match e {
-                    Error::MessageTooBig { .. } => Some(CloseCode::Size),
-                    Error::Overflow { .. } => Some(CloseCode::Policy),
-                    _ => None,
-                };
-                if let Some(code) = code {
-                    // Waiting for the reply (bounded) also reads what is still in flight, so
-                    // the server gets our close frame rather than a reset.
-                    close(&mut ws, code, close_timeout, true).await;
+                match e {
+                    Error::Overflow { .. } => {
+                        close(&mut ws, CloseCode::Policy, close_timeout, true).await;
+                    }
+                    Error::MessageTooBig { .. } => {
+                        // The protocol layer would now read the refused message whole: read
+                        // the rest raw, in small pieces, until the server closes (bounded),
+                        // so it gets our close frame rather than a reset.
+                        close(&mut ws, CloseCode::Size, close_timeout, false).await;
+                        discard_until_closed(&mut ws, close_timeout).await;
+                    }
+                    _ => {}
                 }
                 Ended::Failed(e)
             }
@@ -446,6 +449,15 @@ async fn close(ws: &mut WsStream, code: CloseCode, close_timeout: Duration, wait
     if wait && matches!(sent, Ok(Ok(()))) {
         finish_handshake(ws, close_timeout).await;
     }
+}
+
+async fn discard_until_closed(ws: &mut WsStream, close_timeout: Duration) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 8192];
+    let _ = tokio::time::timeout(close_timeout, async {
+        while let Ok(1..) = ws.get_mut().read(&mut buf).await {}
+    })
+    .await;
 }
 
 async fn finish_handshake(ws: &mut WsStream, close_timeout: Duration) {

@@ -201,9 +201,9 @@ class _AsyncHandlers:
 
 
 def _is_async(handler: Any) -> bool:
-    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-        getattr(handler, "__call__", None)
-    )
+    """An ``async def`` function, or an object whose ``__call__`` is one."""
+    call = type(handler).__dict__.get("__call__") if not inspect.isroutine(handler) else None
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call)
 
 
 def _header_pairs(headers: Headers) -> list[tuple[str, str]]:
@@ -328,10 +328,17 @@ class Stream:
             return
         try:
             self._native.wait_connected()
-        except WspoolError:
+        except WspoolError as error:
             self._abort(self._close_timeout)
-            raise
+            raise self._chain(error) from error.__cause__
         self._connected = True
+
+    def _chain(self, error: BaseException) -> BaseException:
+        """Attaches the exception of the subscribe callable to the error it caused."""
+        resume_error = self._resume.error if self._resume is not None else None
+        if resume_error is not None and error.__cause__ is None:
+            error.__cause__ = resume_error
+        return error
 
     def _fill(self) -> bool:
         """Moves one batch from the native side into the buffer and passes each result to
@@ -376,10 +383,7 @@ class Stream:
 
     def _finish(self, error: Optional[BaseException]) -> None:
         self._finished = True
-        resume_error = self._resume.error if self._resume is not None else None
-        if error is not None and resume_error is not None and error.__cause__ is None:
-            error.__cause__ = resume_error
-        self._error = error
+        self._error = None if error is None else self._chain(error)
         self._join(self._close_timeout)
 
     def _join(self, timeout: float) -> None:
@@ -442,10 +446,7 @@ class Stream:
 
     async def _afinish(self, error: Optional[BaseException]) -> None:
         self._finished = True
-        resume_error = self._resume.error if self._resume is not None else None
-        if error is not None and resume_error is not None and error.__cause__ is None:
-            error.__cause__ = resume_error
-        self._error = error
+        self._error = None if error is None else self._chain(error)
         await self._ajoin(self._close_timeout)
 
     async def _ajoin(self, timeout: float) -> None:
@@ -458,11 +459,11 @@ class Stream:
         if not self._connected:
             try:
                 await asyncio.wrap_future(self._run_in_thread(self._native.wait_connected))
-            except BaseException:
+            except BaseException as error:
                 self._native.cancel()
                 self._finished = True
                 await self._ajoin(self._close_timeout)
-                raise
+                raise self._chain(error) from error.__cause__
             self._connected = True
         return self
 

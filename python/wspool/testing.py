@@ -5,7 +5,9 @@ loopback interface, in its own asyncio event loop on a background daemon thread.
 it accepts gets a scripted stream of messages, followed by a scripted ending: a close frame with a
 chosen code and reason, an abrupt TCP drop, or nothing at all (the connection stays open until the
 client closes it). It can also refuse the opening handshake with an HTTP status, echo what clients
-send, and pace the stream at a given rate.
+send, pace the stream at a given rate, drop only the first few connections, freeze (stop sending and
+reading while keeping the TCP connection open, like a half-open connection), send keepalive pings,
+and build each connection's stream from what its client sent (see :class:`ConnectionInfo`).
 
 It is meant for testing wspool itself and for testing your own consumers built on wspool (or on
 anything else that speaks WebSocket) without a network service::
@@ -17,7 +19,9 @@ anything else that speaks WebSocket) without a network service::
         assert server.wait_for(lambda s: s.close_codes == [1000])
 
 Everything the server sees is recorded and can be read from any thread: ``received`` (messages
-from clients), ``connections``, ``close_codes`` (the codes clients closed with) and ``sent``.
+from clients), ``connections``, ``close_codes`` (the codes clients closed with),
+``server_close_codes`` (the codes the server closed with), ``sent``, ``frozen``, and ``stalls`` and
+``stalled_seconds`` (how often and how long writes waited for a client that did not read).
 
 With pytest, the ``mock_server`` fixture from :mod:`wspool.pytest_plugin` makes servers and stops
 them at teardown. The module can also be run from the command line for manual testing::
@@ -34,13 +38,17 @@ import argparse
 import asyncio
 import email.utils
 import http
+import inspect
 import ipaddress
 import json
 import logging
+import select
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 try:
@@ -55,7 +63,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
         "(pip install 'websockets>=13')"
     ) from _exc
 
-__all__ = ["MockServer", "generate_messages", "main"]
+__all__ = ["ConnectionInfo", "MockServer", "generate_messages", "main"]
 
 #: A message the server can send: ``str`` goes out as a text frame, ``bytes`` as a binary frame.
 Message = Union[str, bytes]
@@ -68,6 +76,7 @@ _JOIN_TIMEOUT = 5.0  # seconds stop() waits for the thread on top of those
 _FLUSH_TIMEOUT = 2.0  # seconds drop_after waits for sent data to leave the write buffer
 _BATCH_SIZE = 256  # most messages handed to the socket in one write
 _POLL_INTERVAL = 0.01  # seconds between two looks at the predicate in wait_for()
+_FREEZE_POLL_INTERVAL = 0.02  # seconds between two looks at a frozen connection's socket
 
 # Close codes an endpoint may put in a close frame (RFC 6455, section 7.4).
 _SENDABLE_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012})
@@ -114,6 +123,77 @@ def _check_count(value: Any, name: str) -> None:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
+def _check_positive(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+
+
+def _wants_info(func: Callable[..., Any]) -> bool:
+    """Whether a ``messages`` callable is to be called with a :class:`ConnectionInfo`.
+
+    True if it has exactly one required positional parameter, False if it has none (it is then
+    called with no arguments, as before ConnectionInfo existed).
+    """
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # no signature to read (some builtins): call it bare
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [
+        p for p in signature.parameters.values() if p.default is p.empty and p.kind in positional
+    ]
+    keyword_only = [
+        p
+        for p in signature.parameters.values()
+        if p.default is p.empty and p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    if len(required) > 1 or keyword_only:
+        raise TypeError(
+            "a messages callable must take no arguments, or one positional argument (a "
+            f"ConnectionInfo); this one takes {signature}"
+        )
+    return len(required) == 1
+
+
+def _peer_closed(fd: int) -> bool:
+    """Whether the peer closed or reset the TCP connection on socket ``fd``, without reading.
+
+    On Linux this sees a FIN even behind unread data (``POLLRDHUP``). Elsewhere it peeks: a FIN
+    is seen only once no unread data is left before it, a reset always.
+    """
+    rdhup = getattr(select, "POLLRDHUP", 0)
+    if rdhup and hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, rdhup)  # POLLHUP, POLLERR and POLLNVAL are always reported
+        return bool(poller.poll(0))
+    sock = socket.socket(fileno=fd)
+    try:
+        return sock.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.detach()  # the fd belongs to the transport: do not close it
+
+
+def _close_code(close: Any) -> Optional[int]:
+    """The code of a close frame, as a plain int; None for no frame, or one without a code."""
+    if close is None or close.code == 1005:
+        return None
+    return int(close.code)
+
+
+def _write_paused(connection: Any, transport: Any) -> bool:
+    """Whether writing to a connection is paused, so that drain() will wait for the client."""
+    paused = getattr(connection, "paused", None)  # websockets' flow-control flag
+    if isinstance(paused, bool):
+        return paused
+    return bool(transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1])
+
+
 def _to_message(item: Any) -> Message:
     """Turn one item of a message stream into what goes on the wire."""
     if isinstance(item, (str, bytes)):
@@ -138,13 +218,70 @@ def _quiet_logger() -> logging.Logger:
     return logger
 
 
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """What a ``messages`` callable taking one argument is told about its connection.
+
+    :class:`MockServer` calls such a callable once per accepted connection, after
+    ``start_delay``, to get that connection's stream: it can answer what the client asked for,
+    e.g. resume from the sequence number in the client's first message::
+
+        def resume(info: ConnectionInfo) -> list[dict]:
+            start = json.loads(info.received[0])["resume_from"] if info.received else 0
+            return [{"seq": seq} for seq in range(start, start + 100)]
+
+        MockServer(resume, start_delay=0.2)
+
+    Attributes:
+        index: the number of this connection among those the server accepted, from 0 (the
+            count goes on across restarts, as :attr:`MockServer.connections` does).
+        received: a snapshot of the messages this client sent on this connection before the
+            call (``str`` for text, ``bytes`` for binary), in order. Sent by a client right
+            after connecting, a message is here if ``start_delay`` gave it time to arrive.
+        request_headers: the handshake request headers of this connection.
+        path: the request target of the handshake, e.g. ``"/"`` or ``"/feed?from=12"``.
+    """
+
+    index: int
+    received: list[Message]
+    request_headers: dict[str, str]
+    path: str
+
+
+class _Session:
+    """One accepted connection, inside the server thread."""
+
+    __slots__ = ("connection", "index", "path", "reader", "received", "request_headers")
+
+    def __init__(
+        self, connection: ServerConnection, index: int, path: str, headers: dict[str, str]
+    ) -> None:
+        self.connection = connection
+        self.index = index
+        self.path = path
+        self.request_headers = headers
+        self.received: list[Message] = []
+        self.reader: Optional[asyncio.Future[None]] = None
+
+    def info(self) -> ConnectionInfo:
+        return ConnectionInfo(
+            index=self.index,
+            received=list(self.received),
+            request_headers=dict(self.request_headers),
+            path=self.path,
+        )
+
+
 class MockServer:
     """A scriptable WebSocket server on a background thread, for tests.
 
     Every accepted connection gets the same script: wait ``start_delay``, send the messages (all
-    of them, or ``drop_after`` of them and then drop the TCP connection), then close with
-    ``close_code`` and ``close_reason``, or keep the connection open if ``close_code`` is None.
-    What clients send is recorded in :attr:`received` and, with ``echo=True``, sent back.
+    of them; or ``drop_after`` of them and then drop the TCP connection; or ``freeze_after`` of
+    them and then freeze), then close with ``close_code`` and ``close_reason``, or keep the
+    connection open if ``close_code`` is None. ``drop_connections`` and ``freeze_connections``
+    limit the drop and the freeze to the first connections, and a ``messages`` callable can
+    give each connection its own stream. What clients send is recorded in :attr:`received` and,
+    with ``echo=True``, sent back.
 
     Use it as a context manager (``with MockServer(count=10) as server:``), or call
     :meth:`start` and :meth:`stop`. A stopped server can be started again; it listens on the same
@@ -153,13 +290,18 @@ class MockServer:
     Args:
         messages: what to send on each connection. An iterable of ``str`` (each sent as a text
             frame), ``bytes``, ``bytearray`` or ``memoryview`` (binary frames), or ``dict`` or
-            ``list`` (sent as JSON text); or a callable taking no arguments that returns such an
-            iterable, called once per connection so that each connection gets a fresh stream.
-            A list or tuple is sent in full on every connection; a generator or other iterator
-            can be consumed only once, so only the first connection gets its messages (pass
-            ``lambda: my_generator()`` to get a fresh one each time). Items of a callable's or
-            iterator's stream are checked when they are sent: a bad one ends that connection with
-            close code 1011 and is recorded in :attr:`errors`.
+            ``list`` (sent as JSON text); or a callable that returns such an iterable, called
+            once per connection (after ``start_delay``, in the server thread) so that each
+            connection gets a fresh stream. A callable with one required positional parameter
+            is called with a :class:`ConnectionInfo` (the connection's number, what its client
+            has sent so far, its request headers and path), so that the stream can depend on
+            what the client asked for; one with no required parameter is called with no
+            arguments. A list or tuple is sent in full on every connection; a generator or other
+            iterator can be consumed only once, so only the first connection gets its messages
+            (pass ``lambda: my_generator()`` to get a fresh one each time). Items of a
+            callable's or iterator's stream are checked when they are sent: a bad one, or an
+            exception from the callable, ends that connection with close code 1011 and is
+            recorded in :attr:`errors`.
         count: instead of ``messages``, send ``count`` generated JSON messages, ``seq`` 0 to
             ``count - 1`` on each connection (see :func:`generate_messages`). With neither
             ``messages`` nor ``count`` the stream is empty.
@@ -174,6 +316,23 @@ class MockServer:
             wait until they have left the server's buffers and abort the TCP connection,
             without a close frame, as a network drop would. If the stream ends first, the
             connection ends as it would without ``drop_after``.
+        drop_connections: with ``drop_after``, drop only the first ``drop_connections``
+            connections the server accepts (counted from the start, across restarts); later
+            ones get their whole stream and the usual ending. None drops every connection.
+        freeze_after: after sending this many messages (of the stream), freeze the connection:
+            send nothing more (no data, no pings, no close frame) and stop reading from the
+            socket, so that the client's pings are not answered and its messages and close
+            frame are neither recorded nor processed, but keep the TCP connection open, as a
+            half-open connection (a peer or middlebox gone silent) would. It stays so until the
+            client closes the TCP connection (the server notices within about 20 ms and aborts
+            its end; on systems other than Linux, only if the client sent nothing after the
+            freeze) or until :meth:`stop`, which aborts it at once. Its :attr:`close_codes` and
+            :attr:`server_close_codes` entries are None. If the stream ends first, the
+            connection ends as it would without ``freeze_after``. Cannot be combined with
+            ``drop_after``.
+        freeze_connections: with ``freeze_after``, freeze only the first
+            ``freeze_connections`` connections (counted as for ``drop_connections``). None
+            freezes every connection.
         echo: send every message a client sends back to it (text as text, binary as binary),
             interleaved with the stream.
         host: the address to listen on. Keep it a loopback address; use an IP address rather
@@ -182,18 +341,32 @@ class MockServer:
         port: the TCP port; 0 picks a free one (read it from :attr:`port` or :attr:`url`).
         start_delay: seconds to wait after the opening handshake before the stream starts,
             e.g. so that a client's subscribe messages arrive before the data.
+        ping_interval: seconds between the keepalive pings the server sends on each connection
+            (websockets' keepalive); None sends no pings, so an idle connection stays idle.
+        ping_timeout: with ``ping_interval``, seconds the server waits for the pong to a ping.
+            A client that does not answer in time has its connection closed by the server with
+            code 1011 (reason "keepalive ping timeout"), which shows in
+            :attr:`server_close_codes`. None waits for pongs forever.
 
     Raises:
-        TypeError: an argument has the wrong type (including an item of a ``messages`` list).
-        ValueError: an argument is out of range, or both ``messages`` and ``count`` are given.
+        TypeError: an argument has the wrong type (including an item of a ``messages`` list,
+            and a ``messages`` callable that needs more than one argument).
+        ValueError: an argument is out of range, both ``messages`` and ``count`` are given,
+            both ``drop_after`` and ``freeze_after`` are given, or ``drop_connections``,
+            ``freeze_connections`` or ``ping_timeout`` is given without ``drop_after``,
+            ``freeze_after`` or ``ping_interval`` respectively.
 
-    Permessage-deflate compression and keepalive pings are off, so frames go out exactly as
-    given and an idle connection stays idle.
+    Permessage-deflate compression is off, so frames go out exactly as given.
     """
 
     def __init__(
         self,
-        messages: Union[Iterable[Any], Callable[[], Iterable[Any]], None] = None,
+        messages: Union[
+            Iterable[Any],
+            Callable[[], Iterable[Any]],
+            Callable[[ConnectionInfo], Iterable[Any]],
+            None,
+        ] = None,
         *,
         count: Optional[int] = None,
         rate: Optional[float] = None,
@@ -201,10 +374,15 @@ class MockServer:
         close_reason: str = "stream is over",
         reject: Optional[int] = None,
         drop_after: Optional[int] = None,
+        drop_connections: Optional[int] = None,
+        freeze_after: Optional[int] = None,
+        freeze_connections: Optional[int] = None,
         echo: bool = False,
         host: str = "127.0.0.1",
         port: int = 0,
         start_delay: float = 0.0,
+        ping_interval: Optional[float] = None,
+        ping_timeout: Optional[float] = None,
     ) -> None:
         if messages is not None and count is not None:
             raise ValueError("give either messages or count, not both")
@@ -213,9 +391,12 @@ class MockServer:
                 f"messages must be an iterable of messages, not a single {type(messages).__name__}"
                 " (wrap it in a list)"
             )
+        wants_info = False
         if isinstance(messages, (list, tuple)):
             messages = tuple(_to_message(item) for item in messages)
-        elif messages is not None and not callable(messages):
+        elif callable(messages):
+            wants_info = _wants_info(messages)
+        elif messages is not None:
             try:
                 iter(messages)
             except TypeError:
@@ -226,10 +407,7 @@ class MockServer:
         if count is not None:
             _check_count(count, "count")
         if rate is not None:
-            if isinstance(rate, bool) or not isinstance(rate, (int, float)):
-                raise TypeError(f"rate must be a number, not {type(rate).__name__}")
-            if not rate > 0 or rate == float("inf"):
-                raise ValueError(f"rate must be a positive finite number, got {rate}")
+            _check_positive(rate, "rate")
         if close_code is not None:
             if isinstance(close_code, bool) or not isinstance(close_code, int):
                 raise TypeError(f"close_code must be an int or None, not {type(close_code)}")
@@ -249,6 +427,18 @@ class MockServer:
                 raise ValueError(f"reject must be an HTTP status from 200 to 599, got {reject}")
         if drop_after is not None:
             _check_count(drop_after, "drop_after")
+        if drop_connections is not None:
+            _check_count(drop_connections, "drop_connections")
+            if drop_after is None:
+                raise ValueError("drop_connections needs drop_after")
+        if freeze_after is not None:
+            _check_count(freeze_after, "freeze_after")
+            if drop_after is not None:
+                raise ValueError("give either drop_after or freeze_after, not both")
+        if freeze_connections is not None:
+            _check_count(freeze_connections, "freeze_connections")
+            if freeze_after is None:
+                raise ValueError("freeze_connections needs freeze_after")
         if not isinstance(host, str) or not host:
             raise TypeError("host must be a non-empty str")
         if isinstance(port, bool) or not isinstance(port, int):
@@ -259,26 +449,42 @@ class MockServer:
             raise TypeError(f"start_delay must be a number, not {type(start_delay).__name__}")
         if not 0 <= start_delay < float("inf"):
             raise ValueError(f"start_delay must be >= 0 and finite, got {start_delay}")
+        if ping_interval is not None:
+            _check_positive(ping_interval, "ping_interval")
+        if ping_timeout is not None:
+            _check_positive(ping_timeout, "ping_timeout")
+            if ping_interval is None:
+                raise ValueError("ping_timeout needs ping_interval (no pings are sent without it)")
 
         self._messages = messages
+        self._messages_want_info = wants_info
         self._count = count
         self._rate = None if rate is None else float(rate)
         self._close_code = close_code
         self._close_reason = close_reason
         self._reject = reject
         self._drop_after = drop_after
+        self._drop_connections = drop_connections
+        self._freeze_after = freeze_after
+        self._freeze_connections = freeze_connections
         self._echo = bool(echo)
         self._host = host
         self._port = port
         self._start_delay = float(start_delay)
+        self._ping_interval = None if ping_interval is None else float(ping_interval)
+        self._ping_timeout = None if ping_timeout is None else float(ping_timeout)
 
         self._lock = threading.Lock()
         self._received: list[Message] = []
         self._close_codes: list[Optional[int]] = []
+        self._server_close_codes: list[Optional[int]] = []
         self._errors: list[BaseException] = []
         self._connections = 0
         self._request_headers: list[dict[str, str]] = []
         self._sent = 0
+        self._frozen = 0
+        self._stalls = 0
+        self._stalled_seconds = 0.0
 
         # Lifecycle, guarded by _life_lock so that start() and stop() may come from any thread.
         self._life_lock = threading.Lock()
@@ -289,6 +495,7 @@ class MockServer:
         self._start_error: Optional[BaseException] = None
         self._logger = _quiet_logger()
         self._open: set[ServerConnection] = set()  # used in the server thread only
+        self._frozen_open: set[ServerConnection] = set()  # likewise: frozen and not yet closed
 
     # ----------------------------------------------------------------------------------------
     # What the server has seen. Each property returns a snapshot, safe to read from any thread.
@@ -347,18 +554,61 @@ class MockServer:
         """A copy of the close codes clients sent, one per finished connection, in finish order.
 
         An entry is None when the client sent no close code: it closed the TCP connection
-        without a close frame, its close frame had no code, or the server dropped the connection
-        (``drop_after``). When the server closes first, a client's reply normally echoes the
+        without a close frame, its close frame had no code, the server dropped the connection
+        (``drop_after``), or the connection was frozen (``freeze_after``: the client's close
+        frame is not read). When the server closes first, a client's reply normally echoes the
         server's code. A connection still open has no entry yet.
         """
         with self._lock:
             return list(self._close_codes)
 
     @property
+    def server_close_codes(self) -> list[Optional[int]]:
+        """A copy of the close codes the server sent, one per finished connection.
+
+        Entry ``i`` belongs to the same connection as entry ``i`` of :attr:`close_codes`. It is
+        the code of the close frame the server sent: ``close_code`` at the end of the stream,
+        1001 from :meth:`stop`, 1011 after a keepalive ping went unanswered for
+        ``ping_timeout`` (or after a bad stream item), or, when the client closed first, the
+        client's code echoed back. None when the server sent no close frame (a drop, a freeze,
+        the client closing the TCP connection first, or a client close frame without a code).
+        """
+        with self._lock:
+            return list(self._server_close_codes)
+
+    @property
     def sent(self) -> int:
         """How many data messages the server has sent, all connections, echoes included."""
         with self._lock:
             return self._sent
+
+    @property
+    def frozen(self) -> int:
+        """How many connections have been frozen (``freeze_after``), including finished ones."""
+        with self._lock:
+            return self._frozen
+
+    @property
+    def stalls(self) -> int:
+        """How many writes to a client had to wait because the client was not reading.
+
+        A write of the stream (or of an echo) goes into the connection's write buffer; when
+        the buffer is above its high-water mark (32 KiB, once the kernel's socket buffers are
+        full), the server waits for it to drain before it writes more: TCP backpressure from a
+        slow client. Each such wait counts once, as soon as it starts, all connections
+        together; a client that keeps up causes none.
+        """
+        with self._lock:
+            return self._stalls
+
+    @property
+    def stalled_seconds(self) -> float:
+        """The total time, in seconds, the waits counted by :attr:`stalls` lasted.
+
+        A wait adds its time when it ends, so one still under way is not in this total yet.
+        """
+        with self._lock:
+            return self._stalled_seconds
 
     @property
     def errors(self) -> list[BaseException]:
@@ -546,7 +796,8 @@ class MockServer:
                 self._port,
                 process_request=self._process_request if self._reject is not None else None,
                 compression=None,
-                ping_interval=None,
+                ping_interval=self._ping_interval,
+                ping_timeout=self._ping_timeout,
                 close_timeout=_CLOSE_TIMEOUT,
                 logger=self._logger,
             )
@@ -561,8 +812,11 @@ class MockServer:
         try:
             await self._stop_event.wait()
         finally:
-            # Close every connection with 1001 (going away). A client that does not read cannot
-            # take the close frame: after a grace period its TCP connection is aborted instead.
+            # A frozen connection sends no close frame: abort it. Close every other connection
+            # with 1001 (going away). A client that does not read cannot take the close frame:
+            # after a grace period its TCP connection is aborted instead.
+            for connection in list(self._frozen_open):
+                connection.transport.abort()
             server.close()
             if not await _wait_closed(server, _SHUTDOWN_TIMEOUT):
                 for connection in list(self._open):
@@ -591,11 +845,13 @@ class MockServer:
         request = connection.request
         headers = {} if request is None else dict(request.headers.raw_items())
         with self._lock:
+            index = self._connections
             self._connections += 1
             self._request_headers.append(headers)
-        reader = asyncio.ensure_future(self._read(connection))
+        session = _Session(connection, index, "/" if request is None else request.path, headers)
+        reader = session.reader = asyncio.ensure_future(self._read(session))
         try:
-            await self._script(connection)
+            await self._script(session)
         except ConnectionClosed:
             pass
         except Exception as exc:  # a bad stream item or a bug: record it
@@ -610,19 +866,29 @@ class MockServer:
                 await asyncio.wait_for(asyncio.shield(reader), _CLOSE_TIMEOUT + 1.0)
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 reader.cancel()
-            rcvd = connection.protocol.close_rcvd
-            code = rcvd.code if rcvd is not None else None
             with self._lock:
-                self._close_codes.append(None if code == 1005 else code)
+                self._close_codes.append(_close_code(connection.protocol.close_rcvd))
+                self._server_close_codes.append(_close_code(connection.protocol.close_sent))
             self._open.discard(connection)
 
-    async def _script(self, connection: ServerConnection) -> None:
+    async def _script(self, session: _Session) -> None:
+        connection = session.connection
         if self._start_delay > 0:
             await asyncio.sleep(self._start_delay)
-        stream = self._stream()
-        drop_after = self._drop_after
-        if drop_after is not None and drop_after == 0:
-            await self._drop(connection)
+        stream = self._stream(session)
+        # How the stream may be cut short on this connection: after `limit` messages, `cut`.
+        limit: Optional[int] = None
+        cut = self._drop
+        if self._drop_after is not None and (
+            self._drop_connections is None or session.index < self._drop_connections
+        ):
+            limit = self._drop_after
+        elif self._freeze_after is not None and (
+            self._freeze_connections is None or session.index < self._freeze_connections
+        ):
+            limit, cut = self._freeze_after, self._freeze
+        if limit == 0:
+            await cut(session)
             return
         rate = self._rate
         loop = asyncio.get_running_loop()
@@ -641,9 +907,9 @@ class MockServer:
                         await asyncio.sleep(delay)
                 batch.append(message)
                 index += 1
-                if drop_after is not None and index >= drop_after:
+                if limit is not None and index >= limit:
                     await self._send_batch(connection, batch)
-                    await self._drop(connection)
+                    await cut(session)
                     return
                 if len(batch) >= _BATCH_SIZE:
                     await self._send_batch(connection, batch)
@@ -671,21 +937,33 @@ class MockServer:
         transport: Any = getattr(connection, "transport", None)
         drain: Any = getattr(connection, "drain", None)
         if (
-            len(batch) > 1
-            and drain is not None
+            drain is not None
             and transport is not None
             and getattr(protocol, "state", None) is State.OPEN
         ):
             # Fast path: frame every message with websockets' Sans-I/O protocol (as send() does)
             # and hand them all to the transport in one write, then honour flow control once.
-            # connection.send() would make one write, hence one system call, per message.
+            # connection.send() would make one write, hence one system call, per message, and
+            # would hide whether flow control made it wait.
             for message in batch:
                 if isinstance(message, str):
                     protocol.send_text(message.encode())
                 else:
                     protocol.send_binary(message)
             transport.writelines(protocol.data_to_send())
-            await drain()
+            if _write_paused(connection, transport):
+                # The client is not keeping up: drain() waits until it has read enough.
+                with self._lock:
+                    self._stalls += 1
+                waited_from = time.monotonic()
+                try:
+                    await drain()
+                finally:
+                    waited = time.monotonic() - waited_from
+                    with self._lock:
+                        self._stalled_seconds += waited
+            else:
+                await drain()
             with self._lock:
                 self._sent += len(batch)
         else:
@@ -699,17 +977,19 @@ class MockServer:
         # never does, and the loop must still get a turn (for reads, echoes and stop()).
         await asyncio.sleep(0)
 
-    def _stream(self) -> Iterator[Any]:
+    def _stream(self, session: _Session) -> Iterator[Any]:
         messages = self._messages
         if messages is None:
             if self._count is None:
                 return iter(())
             return _generate(self._count)
         if callable(messages):
-            messages = messages()
+            make: Callable[..., Iterable[Any]] = messages
+            messages = make(session.info()) if self._messages_want_info else make()
         return iter(messages)
 
-    async def _drop(self, connection: ServerConnection) -> None:
+    async def _drop(self, session: _Session) -> None:
+        connection = session.connection
         transport = connection.transport
         # abort() throws away what is still buffered: let the messages sent so far go out first.
         deadline = time.monotonic() + _FLUSH_TIMEOUT
@@ -718,15 +998,44 @@ class MockServer:
         transport.abort()
         await connection.wait_closed()
 
-    async def _read(self, connection: ServerConnection) -> None:
+    async def _freeze(self, session: _Session) -> None:
+        connection = session.connection
+        transport = connection.transport
+        # Stop reading: incoming frames (pings, close, data) stay unread in the socket. The
+        # reader task goes too, so that nothing resumes reading (websockets resumes it when its
+        # queue of received messages empties) and nothing is echoed. What was sent before
+        # still goes out: the transport keeps writing its buffer.
+        transport.pause_reading()
+        if session.reader is not None:
+            session.reader.cancel()
+        keepalive: Any = getattr(connection, "keepalive_task", None)
+        if keepalive is not None:  # send no more pings either
+            keepalive.cancel()
+        with self._lock:
+            self._frozen += 1
+        self._frozen_open.add(connection)
+        try:
+            sock = transport.get_extra_info("socket")
+            fd = -1 if sock is None else sock.fileno()
+            # Until stop() aborts it, or the client goes away: look at the socket now and then.
+            while not transport.is_closing():
+                if fd >= 0 and _peer_closed(fd):
+                    transport.abort()
+                    break
+                await asyncio.sleep(_FREEZE_POLL_INTERVAL)
+            await connection.wait_closed()
+        finally:
+            self._frozen_open.discard(connection)
+
+    async def _read(self, session: _Session) -> None:
+        connection = session.connection
         try:
             async for message in connection:
                 with self._lock:
                     self._received.append(message)
+                session.received.append(message)
                 if self._echo:
-                    await connection.send(message)
-                    with self._lock:
-                        self._sent += 1
+                    await self._send_batch(connection, [message])
         except ConnectionClosed:
             pass
 
@@ -776,10 +1085,25 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m wspool.testing
     parser.add_argument("--close-reason", default="stream is over")
     parser.add_argument("--reject", type=int, default=None, help="HTTP status to refuse with")
     parser.add_argument("--drop-after", type=int, default=None)
+    parser.add_argument(
+        "--drop-connections", type=int, default=None, help="drop only the first N connections"
+    )
+    parser.add_argument(
+        "--freeze-after", type=int, default=None, help="go silent, unread, after N messages"
+    )
+    parser.add_argument(
+        "--freeze-connections", type=int, default=None, help="freeze only the first N connections"
+    )
     parser.add_argument("--echo", action="store_true")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--start-delay", type=float, default=0.0)
+    parser.add_argument(
+        "--ping-interval", type=float, default=None, help="seconds between keepalive pings"
+    )
+    parser.add_argument(
+        "--ping-timeout", type=float, default=None, help="seconds to wait for each pong"
+    )
     args = parser.parse_args(argv)
     try:
         server = MockServer(
@@ -789,10 +1113,15 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m wspool.testing
             close_reason=args.close_reason,
             reject=args.reject,
             drop_after=args.drop_after,
+            drop_connections=args.drop_connections,
+            freeze_after=args.freeze_after,
+            freeze_connections=args.freeze_connections,
             echo=args.echo,
             host=args.host,
             port=args.port,
             start_delay=args.start_delay,
+            ping_interval=args.ping_interval,
+            ping_timeout=args.ping_timeout,
         )
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
