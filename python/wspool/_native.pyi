@@ -104,16 +104,16 @@ class NativeStream:
         queue_size: int,
         open_timeout: float,
         close_timeout: float,
-        overflow: str = "block",
-        key: Optional[str] = None,
-        ordered: str = "completion",
-        ping_interval: Optional[float] = 20.0,
-        ping_timeout: Optional[float] = 20.0,
-        max_message_size: int = 16777216,
-        reconnect: Optional[tuple[Optional[int], float, float, bool]] = None,
+        overflow: str,
+        key: Optional[str],
+        ordered: str,
+        ping_interval: Optional[float],
+        ping_timeout: Optional[float],
+        max_message_size: int,
+        reconnect: Optional[tuple[Optional[int], float, float, bool]],
         on_event: Optional[
             Callable[[str, int, int, Optional[float], Optional[BaseException]], Any]
-        ] = None,
+        ],
     ) -> NativeStream: ...
     def wait_connected(self) -> None:
         """Blocks until the handshake is done; raises ConnectError, HandshakeError or Timeout."""

@@ -251,11 +251,13 @@ def _cancel_live_streams() -> None:
 class Stream:
     """A running stream of results; made by :func:`consume`.
 
-    Iterate it (``for result in stream``) to get one :class:`Result` per received message, in
-    completion order. ``on_result``, when given, is called once per result, in the thread that
-    consumes results (the iterating thread, or the one in :meth:`close` / ``with`` exit), never
-    concurrently. The iteration ends after the last result when the server closes normally (code
-    1000), when :meth:`close` was called or when ``timeout`` ran out; it raises
+    Iterate it (``for result in stream``, or ``async for`` inside ``async with``) to get one
+    :class:`Result` per received message (dropped ones excepted, see ``overflow``), in
+    completion order unless ``ordered`` asked otherwise. ``on_result``, when given, is called
+    once per result, in the thread that consumes results (the iterating thread, or the one in
+    :meth:`close` / ``with`` exit), never concurrently. The iteration ends after the last result
+    when the server closes normally (code 1000), when :meth:`close` was called or when
+    ``timeout`` ran out; it raises
     :class:`ConnectionClosed`, :class:`ProtocolError`... after the last result when the
     connection ended abnormally.
 
@@ -629,8 +631,8 @@ def consume(
         on_result: called once per result, never concurrently, in the consuming thread.
         timeout: overall deadline in seconds; then the stream closes gracefully.
         queue_size: jobs that may wait for a worker; also the size of the result queue and of
-            the reorder window. Memory stays bounded by about ``(2 * queue_size + workers)``
-            messages (``3 * queue_size + workers`` with ``ordered=True``).
+            the reorder window. Memory stays bounded by about ``(3 * queue_size + workers)``
+            messages (``4 * queue_size + workers`` with ``ordered=True``); see the README.
         overflow: what a message does when ``queue_size`` jobs wait: ``"block"`` (default:
             stop reading, so TCP pushes back on the server), ``"drop_oldest"``,
             ``"drop_newest"``, ``"error"`` (the iterator raises :class:`Overflow`), or
