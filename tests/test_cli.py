@@ -60,6 +60,32 @@ def test_consume_writes_json_lines(mock_server, tmp_path):
     assert all(line["ok"] and line["value"] == 2 * line["id"] for line in lines)
 
 
+def test_consume_reconnects_in_receipt_order(mock_server):
+    server = mock_server(count=20, drop_after=20, drop_connections=2)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wspool",
+            "consume",
+            server.url,
+            "--reconnect",
+            "--ordered",
+            "receipt",
+            "--workers",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["id"] for line in lines] == list(range(60))
+    assert [line["connection"] for line in lines] == [i // 20 for i in range(60)]
+    assert "reconnected (connection 2)" in proc.stderr
+
+
 def test_consume_reports_connection_errors(mock_server):
     server = mock_server(reject=403)
     proc = subprocess.run(

@@ -176,6 +176,10 @@ def _consume(args: argparse.Namespace) -> int:
         headers=headers,
         timeout=args.timeout,
         queue_size=args.queue_size,
+        overflow=args.overflow,
+        key=args.key,
+        ordered="key" if args.ordered == "key" else args.ordered == "receipt",
+        reconnect=args.reconnect,
     ) as stream:
         for result in stream:
             job = result.job
@@ -237,6 +241,20 @@ def _parser() -> argparse.ArgumentParser:
     cons.add_argument("--header", action="append", default=[], help="NAME:VALUE (repeatable)")
     cons.add_argument("--timeout", type=float, default=None, help="stop after SECONDS")
     cons.add_argument("--queue-size", type=int, default=1024)
+    cons.add_argument(
+        "--overflow",
+        choices=["block", "drop_oldest", "drop_newest", "error", "conflate"],
+        default="block",
+        help="what a message does when the queue is full (default: block, TCP pushes back)",
+    )
+    cons.add_argument("--key", default=None, help="JSON field keying messages (conflate, key)")
+    cons.add_argument(
+        "--ordered",
+        choices=["completion", "receipt", "key"],
+        default="completion",
+        help="result order (default: completion)",
+    )
+    cons.add_argument("--reconnect", action="store_true", help="reconnect with backoff after drops")
     cons.add_argument("--progress", action="store_true", help="show a status line on stderr")
 
     sub.add_parser(
