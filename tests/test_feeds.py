@@ -375,3 +375,32 @@ def test_async_handler_errors_become_results(mock_server):
         results = sorted(stream, key=lambda r: r.job.id)
     assert [r.value for r in results] == [0, None, 2]
     assert isinstance(results[1].error, ValueError)
+
+
+# -- stopping from another thread ---------------------------------------------------------------
+
+
+def test_close_from_another_thread_drains_every_received_message(mock_server):
+    server = mock_server(count=100_000, rate=2000, close_code=None)
+    with wspool.consume(server.url, _slow(0.001), workers=2) as stream:
+        closer = threading.Timer(0.3, stream.close)
+        closer.start()
+        ids = [r.value for r in stream]
+        closer.join()
+    stats = stream.stats
+    assert 0 < len(ids) < 100_000
+    assert sorted(ids) == list(range(stats.received)), "every received message was delivered"
+    assert stats.cancelled == 0 and stats.threads == 0
+    assert server.wait_for(lambda s: s.close_codes == [1000])
+
+
+def test_cancel_from_another_thread_accounts_for_every_job(mock_server):
+    server = mock_server(count=100_000, close_code=None)
+    with wspool.consume(server.url, _slow(0.002), workers=2, queue_size=64) as stream:
+        threading.Timer(0.3, stream.cancel).start()
+        delivered = sum(1 for _ in stream)
+    stats = stream.stats
+    assert delivered > 0
+    assert stats.cancelled > 0
+    assert stats.processed + stats.failed + stats.cancelled + stats.dropped == stats.received
+    assert stats.threads == 0

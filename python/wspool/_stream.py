@@ -298,6 +298,7 @@ class Stream:
         self._lock = threading.RLock()
         self._delivering = False
         self._finished = False
+        self._joined = False
         self._error: Optional[BaseException] = None
         self._error_raised = False
         _live.add(self)
@@ -348,6 +349,9 @@ class Stream:
         with self._lock:
             self._deliver()
             if self._finished:
+                # Ended by another thread (cancel): its threads must be gone here too.
+                if not self._joined:
+                    self._join(self._close_timeout)
                 return False
             self._ensure_connected()
             try:
@@ -392,6 +396,7 @@ class Stream:
         # Threads still inside a handler after `timeout` end when it returns; the exit hook
         # waits for them.
         if self._native.join(timeout):
+            self._joined = True
             _live.discard(self)
             self._release()
 
@@ -429,6 +434,8 @@ class Stream:
         loop is woken through its thread-safe call when it is there; the loop never blocks."""
         self._deliver()
         if self._finished:
+            if not self._joined:
+                await self._ajoin(self._close_timeout)
             return False
         if self._pending is None:
             self._pending = self._run_in_thread(lambda: self._native.next_batch(self._batch_size))
@@ -454,6 +461,7 @@ class Stream:
     async def _ajoin(self, timeout: float) -> None:
         joined = await asyncio.wrap_future(self._run_in_thread(lambda: self._native.join(timeout)))
         if joined:
+            self._joined = True
             _live.discard(self)
             self._release()
 
