@@ -12,8 +12,8 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString};
 use crate::errors::Error;
 use crate::job::{Data, DecodeError, DecodeMode, Job, Kind};
 use crate::pool::Processor;
-use crate::state::StatsSnapshot;
 use crate::queue::{Order, Overflow};
+use crate::state::StatsSnapshot;
 use crate::stream::{Batch, Config, Event, EventHook, Reconnect, Stream, Subscribe};
 use crate::ws::{Heartbeat, Outgoing};
 
@@ -574,10 +574,8 @@ impl NativeStream {
     /// on the I/O thread as `on_event(kind, connection, attempt, delay, cause)`.
     #[new]
     #[pyo3(signature = (url, handler, *, workers, decode, subscribe, headers, timeout,
-                        queue_size, open_timeout, close_timeout, overflow = "block", key = None,
-                        ordered = "completion", ping_interval = Some(20.0),
-                        ping_timeout = Some(20.0), max_message_size = 16 << 20,
-                        reconnect = None, on_event = None))]
+                        queue_size, open_timeout, close_timeout, overflow, key, ordered,
+                        ping_interval, ping_timeout, max_message_size, reconnect, on_event))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -622,7 +620,9 @@ impl NativeStream {
         config.queue_size = queue_size;
         config.open_timeout = seconds("open_timeout", open_timeout)?;
         config.close_timeout = seconds("close_timeout", close_timeout)?;
-        config.overflow = overflow.parse::<Overflow>().map_err(PyValueError::new_err)?;
+        config.overflow = overflow
+            .parse::<Overflow>()
+            .map_err(PyValueError::new_err)?;
         config.key = key;
         config.order = match ordered {
             "completion" => Order::Completion,
