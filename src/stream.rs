@@ -468,7 +468,7 @@ async fn connections(
         let opened = tokio::select! {
             biased;
             _ = wait_while_running(&mut reader.control) => return,
-            _ = ws_sleep_until(reader.deadline) => {
+            _ = ws::sleep_until(reader.deadline) => {
                 if connected.is_some() {
                     // The deadline ran out before the first connection opened.
                     let e = Error::Timeout {
@@ -527,7 +527,7 @@ async fn connections(
         tokio::select! {
             biased;
             _ = wait_while_running(&mut reader.control) => return,
-            _ = ws_sleep_until(reader.deadline) => {
+            _ = ws::sleep_until(reader.deadline) => {
                 if connected.is_some() {
                     fail(&reader, &mut connected, cause);
                 }
@@ -567,13 +567,6 @@ async fn open(
         Subscribe::Dynamic(make) => ws::subscribe(&mut ws, &make(connection)?).await?,
     }
     Ok(ws)
-}
-
-async fn ws_sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn wait_while_running(control: &mut watch::Receiver<Control>) {

@@ -388,17 +388,24 @@ class Stream:
             self._delivering = False
 
     def _finish(self, error: Optional[BaseException]) -> None:
+        self._set_end(error)
+        self._join(self._close_timeout)
+
+    def _set_end(self, error: Optional[BaseException]) -> None:
         self._finished = True
         self._error = None if error is None else self._chain(error)
-        self._join(self._close_timeout)
 
     def _join(self, timeout: float) -> None:
         # Threads still inside a handler after `timeout` end when it returns; the exit hook
         # waits for them.
         if self._native.join(timeout):
-            self._joined = True
-            _live.discard(self)
-            self._release()
+            self._on_joined()
+
+    def _on_joined(self) -> None:
+        """Every native thread has ended: forget the stream at exit, end the helper threads."""
+        self._joined = True
+        _live.discard(self)
+        self._release()
 
     def _release(self) -> None:
         """Ends the helper threads once the native ones have ended."""
@@ -454,24 +461,20 @@ class Stream:
         return self._take(batch)
 
     async def _afinish(self, error: Optional[BaseException]) -> None:
-        self._finished = True
-        self._error = None if error is None else self._chain(error)
+        self._set_end(error)
         await self._ajoin(self._close_timeout)
 
     async def _ajoin(self, timeout: float) -> None:
         joined = await asyncio.wrap_future(self._run_in_thread(lambda: self._native.join(timeout)))
         if joined:
-            self._joined = True
-            _live.discard(self)
-            self._release()
+            self._on_joined()
 
     async def __aenter__(self) -> Stream:
         if not self._connected:
             try:
                 await asyncio.wrap_future(self._run_in_thread(self._native.wait_connected))
             except BaseException as error:
-                self._native.cancel()
-                self._finished = True
+                self._drop()
                 await self._ajoin(self._close_timeout)
                 raise self._chain(error) from error.__cause__
             self._connected = True
@@ -487,10 +490,7 @@ class Stream:
             await self.aclose()
         else:
             # Cancelled or interrupted: do not wait for running handlers more than a moment.
-            self._native.cancel()
-            self._buffer.clear()
-            self._undelivered.clear()
-            self._finished = True
+            self._drop()
             await self._ajoin(min(self._close_timeout, _INTERRUPT_WAIT))
 
     async def aclose(self) -> None:
@@ -504,8 +504,9 @@ class Stream:
             while await self._afill():
                 pass
         except BaseException:
-            self._native.cancel()
-            self._finished = True
+            # on_result raised, or the task was cancelled during the drain: end abruptly, as
+            # close() does.
+            self._drop()
             raise
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -546,12 +547,16 @@ class Stream:
         self._abort(self._close_timeout)
 
     def _abort(self, wait: float) -> None:
+        self._drop()
+        self._join(wait)
+
+    def _drop(self) -> None:
+        """Cancels natively and forgets every result not yet delivered; the stream is over."""
         self._native.cancel()
         self._pending = None
         self._buffer.clear()
         self._undelivered.clear()
         self._finished = True
-        self._join(wait)
 
     def __enter__(self) -> Stream:
         self._ensure_connected()
