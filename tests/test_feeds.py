@@ -269,7 +269,7 @@ def test_a_frozen_server_is_detected_within_ping_interval_plus_timeout(mock_serv
                 ids.append(result.job.id)
                 started = time.monotonic()
     took = time.monotonic() - started
-    assert ids == list(range(5))
+    assert sorted(ids) == list(range(5)), "results come in completion order"
     assert caught.value.code == 1006 and "ping_timeout" in str(caught.value)
     assert 0.35 <= took < 1.2, f"detected after {took:.2f} s; bound 0.4 s"
 
