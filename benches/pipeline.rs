@@ -17,7 +17,7 @@ use criterion::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use wspool::{Batch, Config, Data, DecodeError, DecodeMode, Error, Job, Processor, Stream};
+use wspool::{Batch, Config, Data, DecodeError, DecodeMode, Error, Job, Node, Processor, Stream};
 
 /// Messages per stream.
 const N: u64 = 100_000;
@@ -105,9 +105,9 @@ impl Processor for Seq {
 
     fn process(&self, job: Job, decoded: Result<Data, DecodeError>) -> (u64, bool) {
         match decoded {
-            Ok(Data::Json(v)) => match v.get("seq").and_then(serde_json::Value::as_u64) {
-                Some(seq) => (seq, true),
-                None => (u64::MAX, false),
+            Ok(Data::Json(doc)) => match doc.path(["seq"]).map(|i| doc.nodes()[i]) {
+                Some(Node::Int(seq)) => (seq as u64, true),
+                _ => (u64::MAX, false),
             },
             Ok(_) => (job.id, true),
             Err(_) => (u64::MAX, false),

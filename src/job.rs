@@ -60,7 +60,7 @@ impl std::str::FromStr for DecodeMode {
 pub enum Data {
     Bytes(Bytes),
     Text(String),
-    Json(serde_json::Value),
+    Json(crate::json::Json),
 }
 
 /// Why a payload did not decode.
@@ -80,7 +80,7 @@ pub fn decode(kind: Kind, payload: &Bytes, mode: DecodeMode) -> Result<Data, Dec
                 message: format!("{} payload is not valid UTF-8: {e}", kind.as_str()),
             }),
         },
-        DecodeMode::Json => serde_json::from_slice(payload)
+        DecodeMode::Json => crate::json::Json::parse(payload)
             .map(Data::Json)
             .map_err(|e| DecodeError {
                 message: format!("payload is not valid JSON: {e}"),
@@ -156,7 +156,10 @@ mod tests {
         );
         assert_eq!(
             decode(Kind::Text, &p, DecodeMode::Json),
-            Ok(Data::Json(serde_json::json!({"seq": 1, "price": 2.5})))
+            Ok(Data::Json(
+                crate::json::Json::from_value(&serde_json::json!({"seq": 1, "price": 2.5}))
+                    .expect("json")
+            ))
         );
     }
 

@@ -5,6 +5,7 @@
 
 pub mod errors;
 pub mod job;
+pub mod json;
 pub mod pool;
 pub mod queue;
 pub mod state;
@@ -16,6 +17,7 @@ mod py;
 
 pub use errors::Error;
 pub use job::{Data, DecodeError, DecodeMode, Job, Kind};
+pub use json::{Json, Node};
 pub use pool::Processor;
 pub use queue::{Order, Overflow};
 pub use state::StatsSnapshot;

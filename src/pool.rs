@@ -26,10 +26,19 @@ pub trait Processor: Send + Sync + 'static {
     fn panicked(&self, job: Job, error: Error) -> Self::Output;
 }
 
-/// Where the workers take jobs from and put results.
+/// Most jobs a worker takes at once (when that many wait for each worker): a flood costs one
+/// lock and one hand-over per batch rather than per message.
+pub const MAX_BATCH: usize = 64;
+
+/// About how long one batch may take: a worker takes as many jobs as its recent jobs show fit
+/// in it, so slow handlers go one job at a time (results are not held back, work stays spread
+/// over the workers) while cheap jobs go by [`MAX_BATCH`].
+const BATCH_BUDGET: Duration = Duration::from_micros(100);
+
+/// Where the workers take jobs from and put results (in batches, one `Vec` per hand-over).
 pub struct Pipes<O> {
     pub queue: Arc<JobQueue>,
-    pub results: flume::Sender<O>,
+    pub results: flume::Sender<Vec<O>>,
     /// With `ordered=True`: results go through this window, in slot order.
     pub reorder: Option<Arc<Reorder<O>>>,
 }
@@ -69,18 +78,23 @@ pub fn spawn<P: Processor>(
 }
 
 struct Outlet<'a, O> {
-    results: flume::Sender<O>,
+    results: flume::Sender<Vec<O>>,
     reorder: Option<Arc<Reorder<O>>>,
     shared: &'a Shared,
 }
 
 impl<O> Outlet<'_, O> {
-    /// Hands a job's result (None: the job left none) on; false once nobody takes results.
-    fn put(&self, slot: u64, output: Option<O>) -> bool {
-        match (&self.reorder, output) {
-            (Some(r), output) => r.put(slot, output, &self.results, self.shared),
-            (None, Some(o)) => self.results.send(o).is_ok(),
-            (None, None) => true,
+    /// Hands a batch's results (None: that job left none), with their slots, on; false once
+    /// nobody takes results.
+    fn put(&self, outputs: Vec<(u64, Option<O>)>) -> bool {
+        match &self.reorder {
+            Some(r) => outputs
+                .into_iter()
+                .fold(true, |alive, (slot, o)| r.put(slot, o, &self.results, self.shared) && alive),
+            None => {
+                let batch: Vec<O> = outputs.into_iter().filter_map(|(_, o)| o).collect();
+                batch.is_empty() || self.results.send(batch).is_ok()
+            }
         }
     }
 }
@@ -96,16 +110,33 @@ fn work<P: Processor>(
     // never left blocked on a full queue; after a cancel, or once nobody reads results, the jobs
     // still queued are only counted.
     let mut consumer_gone = false;
-    while let Some(Popped { job, slot, key }) = queue.pop() {
-        let output = if consumer_gone || shared.is_cancelled() {
-            shared.on_cancelled();
-            None
-        } else {
-            Some(run_one(processor, mode, job, shared))
-        };
-        consumer_gone |= !outlet.put(slot, output);
-        // After the result is out, so results of one key keep their order.
-        if let Some(key) = key {
+    let mut popped = Vec::with_capacity(MAX_BATCH);
+    // Recent time per job, in nanoseconds (a moving average over batches); starts pessimistic
+    // so that the first jobs of a slow handler are not taken in a batch.
+    let mut per_job_ns = BATCH_BUDGET.as_nanos() as u64;
+    let mut max = 1;
+    while queue.pop_many(max, &mut popped) {
+        let started = std::time::Instant::now();
+        let n = popped.len() as u64;
+        let mut outputs = Vec::with_capacity(popped.len());
+        let mut keys = Vec::new();
+        for Popped { job, slot, key } in popped.drain(..) {
+            let output = if consumer_gone || shared.is_cancelled() {
+                shared.on_cancelled();
+                None
+            } else {
+                Some(run_one(processor, mode, job, shared))
+            };
+            outputs.push((slot, output));
+            keys.extend(key);
+        }
+        let took = started.elapsed().as_nanos() as u64 / n;
+        per_job_ns = (per_job_ns * 3 + took) / 4;
+        max = (BATCH_BUDGET.as_nanos() as u64 / per_job_ns.max(1)).clamp(1, MAX_BATCH as u64)
+            as usize;
+        consumer_gone |= !outlet.put(outputs);
+        // After the results are out, so results of one key keep their order.
+        for key in keys {
             queue.done(key);
         }
     }
@@ -177,7 +208,7 @@ impl<O> Reorder<O> {
         &self,
         slot: u64,
         output: Option<O>,
-        results: &flume::Sender<O>,
+        results: &flume::Sender<Vec<O>>,
         shared: &Shared,
     ) -> bool {
         let mut st = self.lock();
@@ -215,10 +246,8 @@ impl<O> Reorder<O> {
             }
             self.space.notify_all();
             drop(st);
-            for o in run {
-                // Blocks while the consumer is behind: backpressure, as without the window.
-                alive &= results.send(o).is_ok();
-            }
+            // Blocks while the consumer is behind: backpressure, as without the window.
+            alive &= results.send(run).is_ok();
             st = self.lock();
         }
     }
@@ -269,7 +298,7 @@ mod tests {
         order: Order,
         mode: DecodeMode,
         shared: &Arc<Shared>,
-    ) -> (Arc<JobQueue>, flume::Receiver<Out>, Vec<JoinHandle<()>>) {
+    ) -> (Arc<JobQueue>, flume::Receiver<Vec<Out>>, Vec<JoinHandle<()>>) {
         let queue = Arc::new(JobQueue::new(capacity, Overflow::Block, order));
         let (rtx, rrx) = flume::bounded(4);
         let pipes = Pipes {
@@ -310,10 +339,11 @@ mod tests {
         });
         let mut ids: Vec<u64> = Vec::new();
         let mut errors = Vec::new();
-        for r in rrx.iter() {
+        for r in rrx.iter().flatten() {
             match r {
                 Ok((id, d)) => {
-                    assert_eq!(d, Data::Json(serde_json::json!([1])));
+                    let Data::Json(doc) = d else { panic!("not JSON: {d:?}") };
+                    assert_eq!(doc.to_value(), serde_json::json!([1]));
                     ids.push(id);
                 }
                 Err(e) => errors.push(e),
@@ -347,6 +377,7 @@ mod tests {
         });
         let ids: Vec<u64> = rrx
             .iter()
+            .flatten()
             .map(|r| match r {
                 Ok((id, _)) => id,
                 Err(e) => e.split(':').next().unwrap().parse().unwrap(),
@@ -368,7 +399,7 @@ mod tests {
             }
             queue.close();
         });
-        let ids: Vec<u64> = rrx.iter().map(|r| r.unwrap().0).collect();
+        let ids: Vec<u64> = rrx.iter().flatten().map(|r| r.unwrap().0).collect();
         feeder.join().unwrap();
         handles.into_iter().for_each(|h| h.join().unwrap());
         assert_eq!(ids.len(), 200);
@@ -392,7 +423,7 @@ mod tests {
             }
             queue.close();
             handles.into_iter().for_each(|h| h.join().unwrap());
-            assert_eq!(rrx.iter().count(), 0);
+            assert_eq!(rrx.iter().flatten().count(), 0);
             assert_eq!(shared.snapshot().cancelled, 10);
         }
     }

@@ -77,6 +77,9 @@ struct State {
     len: usize,
     closed: bool,
     next_slot: u64,
+    /// Workers waiting on `ready`: a push wakes one only when there is one (a condvar notify
+    /// is a system call even with nobody waiting).
+    idle: usize,
 }
 
 /// A job handed to a worker.
@@ -105,20 +108,100 @@ pub struct JobQueue {
     ready: Condvar,
     space: Notify,
     capacity: usize,
+    /// The read loop, once the queue was full, is woken when this many slots are free again,
+    /// not for every single one (which would make it and the workers take turns per job).
+    low_water: usize,
+    /// How many workers share the queue: [`JobQueue::pop_many`] takes a fair share of it.
+    consumers: usize,
     overflow: Overflow,
     per_key: bool,
 }
 
+/// Pushes several jobs under one lock; the waiting workers are woken once, when it is dropped.
+pub struct Pusher<'a> {
+    queue: &'a JobQueue,
+    st: MutexGuard<'a, State>,
+    pushed: usize,
+}
+
+impl Pusher<'_> {
+    /// Queues a job under the overflow policy, without waiting. `key` only matters when the
+    /// queue is keyed (conflation or per-key order).
+    pub fn try_push(&mut self, job: Job, key: Option<Key>) -> Push {
+        let q = self.queue;
+        let st = &mut *self.st;
+        if q.overflow == Overflow::Conflate {
+            if let Some(pending) = key
+                .as_ref()
+                .and_then(|k| st.groups.get_mut(k))
+                .and_then(|g| g.front_mut())
+            {
+                // At most one job waits per key: the newest replaces it in place.
+                *pending = job;
+                return Push::Done { dropped: 1 };
+            }
+        }
+        let mut dropped = 0;
+        if st.len >= q.capacity {
+            match q.overflow {
+                Overflow::Block | Overflow::Conflate => return Push::Full(job, key),
+                Overflow::DropNewest => return Push::Done { dropped: 1 },
+                Overflow::Error => return Push::Overflow,
+                Overflow::DropOldest => {
+                    if !remove_oldest(st) {
+                        // Every waiting job belongs to a key that is running: keep them.
+                        return Push::Done { dropped: 1 };
+                    }
+                    dropped = 1;
+                }
+            }
+        }
+        q.insert(st, job, key);
+        self.pushed += 1;
+        Push::Done { dropped }
+    }
+
+    /// Queues a job even when the queue is full (by one at most per call): for a message that
+    /// was read just before the stream was asked to stop, which must not be lost.
+    pub fn force_push(&mut self, job: Job, key: Option<Key>) {
+        self.queue.insert(&mut self.st, job, key);
+        self.pushed += 1;
+    }
+}
+
+impl Drop for Pusher<'_> {
+    fn drop(&mut self) {
+        let wake = self.pushed.min(self.st.idle);
+        if wake == 0 {
+            return;
+        }
+        if wake == self.st.idle {
+            self.queue.ready.notify_all();
+        } else {
+            (0..wake).for_each(|_| self.queue.ready.notify_one());
+        }
+    }
+}
+
 impl JobQueue {
     pub fn new(capacity: usize, overflow: Overflow, order: Order) -> Self {
+        let capacity = capacity.max(1);
         JobQueue {
             state: Mutex::new(State::default()),
             ready: Condvar::new(),
             space: Notify::new(),
-            capacity: capacity.max(1),
+            capacity,
+            low_water: (capacity / 8).max(1),
+            consumers: 1,
             overflow,
             per_key: order == Order::Key,
         }
+    }
+
+    /// Says how many workers take jobs (for the share [`JobQueue::pop_many`] takes).
+    pub fn with_consumers(mut self, consumers: usize) -> Self {
+        self.consumers = consumers.max(1);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -139,49 +222,23 @@ impl JobQueue {
         self.len() == 0
     }
 
-    /// Queues a job under the overflow policy, without waiting. `key` only matters when the
-    /// queue is keyed (conflation or per-key order).
-    pub fn try_push(&self, job: Job, key: Option<Key>) -> Push {
-        let mut st = self.lock();
-        if self.overflow == Overflow::Conflate {
-            if let Some(pending) = key
-                .as_ref()
-                .and_then(|k| st.groups.get_mut(k))
-                .and_then(|g| g.front_mut())
-            {
-                // At most one job waits per key: the newest replaces it in place.
-                *pending = job;
-                return Push::Done { dropped: 1 };
-            }
+    /// Starts pushing one or more jobs under one lock.
+    pub fn pusher(&self) -> Pusher<'_> {
+        Pusher {
+            queue: self,
+            st: self.lock(),
+            pushed: 0,
         }
-        let mut dropped = 0;
-        if st.len >= self.capacity {
-            match self.overflow {
-                Overflow::Block | Overflow::Conflate => return Push::Full(job, key),
-                Overflow::DropNewest => return Push::Done { dropped: 1 },
-                Overflow::Error => return Push::Overflow,
-                Overflow::DropOldest => {
-                    if !remove_oldest(&mut st) {
-                        // Every waiting job belongs to a key that is running: keep them.
-                        return Push::Done { dropped: 1 };
-                    }
-                    dropped = 1;
-                }
-            }
-        }
-        self.insert(&mut st, job, key);
-        drop(st);
-        self.ready.notify_one();
-        Push::Done { dropped }
     }
 
-    /// Queues a job even when the queue is full (by one at most per call): for a message that
-    /// was read just before the stream was asked to stop, which must not be lost.
+    /// Queues one job under the overflow policy, without waiting (see [`Pusher::try_push`]).
+    pub fn try_push(&self, job: Job, key: Option<Key>) -> Push {
+        self.pusher().try_push(job, key)
+    }
+
+    /// Queues one job even when the queue is full (see [`Pusher::force_push`]).
     pub fn force_push(&self, job: Job, key: Option<Key>) {
-        let mut st = self.lock();
-        self.insert(&mut st, job, key);
-        drop(st);
-        self.ready.notify_one();
+        self.pusher().force_push(job, key);
     }
 
     fn insert(&self, st: &mut State, job: Job, key: Option<Key>) {
@@ -198,29 +255,49 @@ impl JobQueue {
         }
     }
 
-    /// Resolves once a job may have left the queue since the last call (a stored permit makes
-    /// it resolve at once): the read loop waits on it while the queue is full.
+    /// Resolves once the queue may have room again since the last call (a stored permit makes
+    /// it resolve at once): the read loop waits on it while the queue is full. Workers signal
+    /// it when at least an eighth of the queue is free, so a full queue is refilled in runs.
     pub async fn space(&self) {
         self.space.notified().await;
     }
 
     /// Takes the next runnable job, waiting for one. None once the queue is closed and empty.
     pub fn pop(&self) -> Option<Popped> {
+        let mut one = Vec::with_capacity(1);
+        self.pop_many(1, &mut one).then(|| one.pop()).flatten()
+    }
+
+    /// Takes up to `max` runnable jobs into `out` (at least one, waiting for it): this
+    /// worker's share of what waits, so that a burst is spread over the workers while a flood
+    /// costs one lock per batch. False once the queue is closed and empty.
+    pub fn pop_many(&self, max: usize, out: &mut Vec<Popped>) -> bool {
         let mut st = self.lock();
         loop {
-            if let Some(entry) = st.runnable.pop_front() {
-                let Some(popped) = self.take(&mut st, entry) else {
-                    continue;
+            let share = st.len.div_ceil(self.consumers).clamp(1, max.max(1));
+            while out.len() < share {
+                let Some(entry) = st.runnable.pop_front() else {
+                    break;
                 };
+                if let Some(popped) = self.take(&mut st, entry) {
+                    out.push(popped);
+                }
+            }
+            if !out.is_empty() {
+                let wake_reader = st.len + self.low_water <= self.capacity;
                 drop(st);
-                self.space.notify_one();
-                return Some(popped);
+                if wake_reader {
+                    self.space.notify_one();
+                }
+                return true;
             }
             if st.closed && st.len == 0 {
-                return None;
+                return false;
             }
             // Closed but jobs wait behind running keys: `done` wakes us.
+            st.idle += 1;
             st = self.ready.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st.idle -= 1;
         }
     }
 
@@ -262,8 +339,10 @@ impl JobQueue {
         st.busy.remove(&key);
         if st.groups.contains_key(&key) {
             st.runnable.push_back(Entry::Key(key));
-            drop(st);
-            self.ready.notify_one();
+            if st.idle > 0 {
+                drop(st);
+                self.ready.notify_one();
+            }
         } else if st.closed && st.len == 0 {
             drop(st);
             self.ready.notify_all();

@@ -209,7 +209,9 @@ pub struct Stream<O> {
     connected: flume::Receiver<Result<(), Error>>,
     /// Set once the handshake has succeeded, so later waits keep saying so.
     was_connected: std::sync::atomic::AtomicBool,
-    results: Mutex<Option<flume::Receiver<O>>>,
+    results: Mutex<Option<flume::Receiver<Vec<O>>>>,
+    /// The rest of a batch that `next_batch` could not hand out whole (`max`).
+    leftover: Mutex<std::collections::VecDeque<O>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     workers: usize,
 }
@@ -226,12 +228,14 @@ impl<O: Send + 'static> Stream<O> {
         config.check()?;
         let workers = config.workers;
         let shared = Arc::new(Shared::new());
-        let queue = Arc::new(JobQueue::new(
-            config.queue_size,
-            config.overflow,
-            config.order,
-        ));
-        let (results_tx, results_rx) = flume::bounded::<O>(config.queue_size);
+        let queue = Arc::new(
+            JobQueue::new(config.queue_size, config.overflow, config.order)
+                .with_consumers(config.workers),
+        );
+        // In batches (one per worker hand-over) of at most min(MAX_BATCH, queue_size) results:
+        // about queue_size results at most (2 × queue_size below MAX_BATCH).
+        let result_batches = config.queue_size.div_ceil(pool::MAX_BATCH).max(2);
+        let (results_tx, results_rx) = flume::bounded::<Vec<O>>(result_batches);
         let (control, control_rx) = watch::channel(Control::Run);
         let (connected_tx, connected) = flume::bounded(1);
 
@@ -282,6 +286,7 @@ impl<O: Send + 'static> Stream<O> {
             connected,
             was_connected: std::sync::atomic::AtomicBool::new(false),
             results: Mutex::new(Some(results_rx)),
+            leftover: Mutex::new(std::collections::VecDeque::new()),
             threads: Mutex::new(threads),
             workers,
         })
@@ -317,19 +322,34 @@ impl<O: Send + 'static> Stream<O> {
     /// waiting more.
     pub fn next_batch(&self, max: usize, wait: Duration) -> Batch<O> {
         let max = max.max(1);
+        let mut leftover = lock(&self.leftover);
         let Some(rx) = lock(&self.results).clone() else {
+            leftover.clear();
             return self.end();
         };
-        match rx.recv_timeout(wait) {
-            Ok(first) => {
-                let mut items = Vec::with_capacity(max.min(rx.len() + 1));
-                items.push(first);
-                items.extend(rx.try_iter().take(max.saturating_sub(1)));
-                Batch::Items(items)
+        let mut items = Vec::new();
+        if leftover.is_empty() {
+            match rx.recv_timeout(wait) {
+                Ok(first) => items = first,
+                Err(flume::RecvTimeoutError::Timeout) => return Batch::Pending,
+                Err(flume::RecvTimeoutError::Disconnected) => return self.end(),
             }
-            Err(flume::RecvTimeoutError::Timeout) => Batch::Pending,
-            Err(flume::RecvTimeoutError::Disconnected) => self.end(),
+        } else {
+            let n = max.min(leftover.len());
+            items.extend(leftover.drain(..n));
         }
+        while items.len() < max && leftover.is_empty() {
+            let Ok(more) = rx.try_recv() else { break };
+            if items.is_empty() {
+                items = more;
+            } else {
+                items.extend(more);
+            }
+        }
+        if items.len() > max {
+            leftover.extend(items.drain(max..));
+        }
+        Batch::Items(items)
     }
 
     fn end(&self) -> Batch<O> {
@@ -355,6 +375,7 @@ impl<O: Send + 'static> Stream<O> {
         self.shared.set_cancelled();
         self.control.send_replace(Control::Cancel);
         lock(&self.results).take();
+        lock(&self.leftover).clear();
         self.shared.mark_ended();
     }
 

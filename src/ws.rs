@@ -226,6 +226,10 @@ pub struct Heartbeat {
     pub timeout: Option<Duration>,
 }
 
+/// Most messages the read loop takes from the socket's buffer before queueing them together
+/// (never more than the queue holds, so reading still stops at the same bound).
+const READ_BATCH: usize = 64;
+
 /// The read loop. One per stream: it serves each connection in turn, so job ids keep
 /// increasing across reconnects.
 pub struct Reader {
@@ -290,6 +294,19 @@ impl Reader {
     }
 
     async fn read(&mut self, ws: &mut WsStream) -> Stop {
+        let mut batch = Vec::with_capacity(READ_BATCH);
+        let stop = self.read_into(ws, &mut batch).await;
+        // Whatever ended the reading, every message read is queued.
+        match self.enqueue_all(&mut batch).await {
+            Ok(()) => stop,
+            Err(queue_stop) => queue_stop,
+        }
+    }
+
+    /// The read loop proper. Messages already buffered are read in a run and queued together
+    /// (one lock, one wake-up) when the socket has nothing more at once or `READ_BATCH` are
+    /// waiting; the caller queues what is left in `batch` when this returns.
+    async fn read_into(&mut self, ws: &mut WsStream, batch: &mut Vec<(Job, Option<Key>)>) -> Stop {
         let Heartbeat { interval, timeout } = self.heartbeat;
         // Time spent waiting on the socket since the last frame, and its value when our ping
         // went out.
@@ -313,6 +330,13 @@ impl Reader {
             }
             let next = match ws.next().now_or_never() {
                 Some(next) => next,
+                None if !batch.is_empty() => {
+                    // Nothing more at once: hand the run to the workers before waiting.
+                    if let Err(stop) = self.enqueue_all(batch).await {
+                        return stop;
+                    }
+                    continue;
+                }
                 None => {
                     let waiting = tokio::time::Instant::now();
                     tokio::select! {
@@ -367,8 +391,68 @@ impl Reader {
                 connection: self.connection,
             };
             self.next_id += 1;
-            if let Err(stop) = self.enqueue(job, key).await {
-                return stop;
+            batch.push((job, key));
+            if batch.len() >= READ_BATCH.min(self.queue.capacity()) {
+                if let Err(stop) = self.enqueue_all(batch).await {
+                    return stop;
+                }
+            }
+        }
+    }
+
+    /// Queues a run of messages under one lock, then (if the queue filled up) the rest one by
+    /// one as [`Reader::enqueue`] does. `batch` is empty when this returns.
+    async fn enqueue_all(&mut self, batch: &mut Vec<(Job, Option<Key>)>) -> Result<(), Stop> {
+        let mut rest = batch.drain(..);
+        let mut dropped = 0;
+        let mut full = None;
+        {
+            let mut pusher = self.queue.pusher();
+            for (job, key) in rest.by_ref() {
+                match pusher.try_push(job, key) {
+                    Push::Done { dropped: d } => dropped += d,
+                    Push::Overflow => {
+                        full = Some(Err(()));
+                        break;
+                    }
+                    Push::Full(job, key) => {
+                        full = Some(Ok((job, key)));
+                        break;
+                    }
+                }
+            }
+        }
+        if dropped > 0 {
+            self.shared.on_dropped(dropped);
+        }
+        match full {
+            None => Ok(()),
+            Some(Err(())) => {
+                // The overflowing message is dropped; the ones read after it are not queued
+                // either: the stream ends here with the overflow error.
+                let left = rest.len() as u64;
+                drop(rest);
+                self.shared.on_dropped(1 + left);
+                Err(Stop::Failed(Error::Overflow {
+                    capacity: self.queue.capacity(),
+                    job_id: self.next_id - 1 - left,
+                }))
+            }
+            Some(Ok((job, key))) => {
+                let mut waiting: Vec<_> = std::iter::once((job, key)).chain(rest).collect();
+                let mut it = waiting.drain(..);
+                while let Some((job, key)) = it.next() {
+                    if let Err(stop) = self.enqueue(job, key).await {
+                        // Asked to stop or the deadline: `enqueue` queued the message it held;
+                        // the others read before the stop are queued too.
+                        let mut pusher = self.queue.pusher();
+                        for (job, key) in it {
+                            pusher.force_push(job, key);
+                        }
+                        return Err(stop);
+                    }
+                }
+                Ok(())
             }
         }
     }

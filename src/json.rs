@@ -1,0 +1,305 @@
+//! JSON decoded on the workers into a flat tape: one `Vec` of nodes per message, strings left in
+//! the payload (as ranges) unless they had escapes. Building Python objects from the tape is
+//! then only object creation (under the GIL), with no second parse and no tree of maps and
+//! strings allocated in between; native processors read fields from it without the GIL.
+
+use bytes::Bytes;
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+/// One node of the tape, in document order. A container is followed by its items (for an
+/// object: key, value, key, value...); `end` is the index just past its last descendant.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Node {
+    Null,
+    Bool(bool),
+    Int(i64),
+    /// An integer above `i64::MAX`.
+    UInt(u64),
+    Float(f64),
+    /// A string without escapes: `payload[start..start + len]`.
+    Str { start: u32, len: u32 },
+    /// A string that had escapes: `owned[index]`.
+    Owned(u32),
+    Array { len: u32, end: u32 },
+    Object { len: u32, end: u32 },
+}
+
+/// A decoded JSON document.
+#[derive(Debug, Clone)]
+pub struct Json {
+    payload: Bytes,
+    nodes: Vec<Node>,
+    owned: Vec<Box<str>>,
+}
+
+impl PartialEq for Json {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_value() == other.to_value()
+    }
+}
+
+impl Json {
+    /// Parses a payload (strict JSON, one document, nesting depth at most 128).
+    pub fn parse(payload: &Bytes) -> Result<Json, serde_json::Error> {
+        let mut tape = Json {
+            payload: payload.clone(),
+            // About one node per 8 bytes of typical messages: one allocation for most.
+            nodes: Vec::with_capacity(payload.len() / 8 + 4),
+            owned: Vec::new(),
+        };
+        let mut de = serde_json::Deserializer::from_slice(payload);
+        Seed(&mut tape).deserialize(&mut de)?;
+        de.end()?;
+        Ok(tape)
+    }
+
+    /// The tape of a `serde_json::Value` (for tests and native callers).
+    pub fn from_value(value: &serde_json::Value) -> Result<Json, serde_json::Error> {
+        Json::parse(&Bytes::from(serde_json::to_vec(value)?))
+    }
+
+    /// The nodes; the document's root is node 0.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// The text of a `Str` or `Owned` node.
+    pub fn str_at(&self, node: Node) -> Option<&str> {
+        match node {
+            Node::Str { start, len } => {
+                let (start, len) = (start as usize, len as usize);
+                // The range was cut from a `&str` of this payload: valid UTF-8 at both ends.
+                std::str::from_utf8(&self.payload[start..start + len]).ok()
+            }
+            Node::Owned(i) => self.owned.get(i as usize).map(|s| &**s),
+            _ => None,
+        }
+    }
+
+    /// Index just past the subtree that starts at `index`.
+    pub fn skip(&self, index: usize) -> usize {
+        match self.nodes[index] {
+            Node::Array { end, .. } | Node::Object { end, .. } => end as usize,
+            _ => index + 1,
+        }
+    }
+
+    /// The node index of `name` in the object at `object` (the first occurrence), if any.
+    pub fn field(&self, object: usize, name: &str) -> Option<usize> {
+        let Node::Object { len, .. } = *self.nodes.get(object)? else {
+            return None;
+        };
+        let mut at = object + 1;
+        for _ in 0..len {
+            let value = at + 1;
+            if self.str_at(self.nodes[at]) == Some(name) {
+                return Some(value);
+            }
+            at = self.skip(value);
+        }
+        None
+    }
+
+    /// Follows a path of object fields from the root.
+    pub fn path<'a>(&self, path: impl IntoIterator<Item = &'a str>) -> Option<usize> {
+        path.into_iter()
+            .try_fold(0, |node, name| self.field(node, name))
+    }
+
+    /// The node at `index` as a `serde_json::Value` (for tests and native processors).
+    pub fn value_at(&self, index: usize) -> serde_json::Value {
+        use serde_json::Value;
+        match self.nodes[index] {
+            Node::Null => Value::Null,
+            Node::Bool(b) => Value::Bool(b),
+            Node::Int(i) => Value::from(i),
+            Node::UInt(u) => Value::from(u),
+            Node::Float(f) => Value::from(f),
+            node @ (Node::Str { .. } | Node::Owned(_)) => {
+                Value::String(self.str_at(node).unwrap_or_default().to_owned())
+            }
+            Node::Array { len, .. } => {
+                let mut at = index + 1;
+                let items = (0..len)
+                    .map(|_| {
+                        let v = self.value_at(at);
+                        at = self.skip(at);
+                        v
+                    })
+                    .collect();
+                Value::Array(items)
+            }
+            Node::Object { len, .. } => {
+                let mut at = index + 1;
+                let mut map = serde_json::Map::new();
+                for _ in 0..len {
+                    let key = self.str_at(self.nodes[at]).unwrap_or_default().to_owned();
+                    map.insert(key, self.value_at(at + 1));
+                    at = self.skip(at + 1);
+                }
+                Value::Object(map)
+            }
+        }
+    }
+
+    /// The whole document as a `serde_json::Value`.
+    pub fn to_value(&self) -> serde_json::Value {
+        self.value_at(0)
+    }
+}
+
+/// Appends one value (and its descendants) to the tape.
+struct Seed<'t>(&'t mut Json);
+
+impl<'de> DeserializeSeed<'de> for Seed<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        de.deserialize_any(self)
+    }
+}
+
+fn count<E: serde::de::Error>(n: usize) -> Result<u32, E> {
+    u32::try_from(n).map_err(|_| E::custom("JSON document too large"))
+}
+
+impl Seed<'_> {
+    fn push_str<E: serde::de::Error>(self, s: &str) -> Result<(), E> {
+        let tape = self.0;
+        let base = tape.payload.as_ptr() as usize;
+        let at = s.as_ptr() as usize;
+        let node = if at >= base && at + s.len() <= base + tape.payload.len() {
+            Node::Str {
+                start: count(at - base)?,
+                len: count(s.len())?,
+            }
+        } else {
+            tape.owned.push(s.into());
+            Node::Owned(count(tape.owned.len() - 1)?)
+        };
+        tape.nodes.push(node);
+        Ok(())
+    }
+
+    /// Pushes a container placeholder; returns its index for [`Seed::close`].
+    fn open(&mut self) -> usize {
+        self.0.nodes.push(Node::Null);
+        self.0.nodes.len() - 1
+    }
+
+    fn close<E: serde::de::Error>(self, at: usize, len: usize, object: bool) -> Result<(), E> {
+        let (len, end) = (count(len)?, count(self.0.nodes.len())?);
+        self.0.nodes[at] = if object {
+            Node::Object { len, end }
+        } else {
+            Node::Array { len, end }
+        };
+        Ok(())
+    }
+}
+
+impl<'de> Visitor<'de> for Seed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.0.nodes.push(Node::Null);
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        self.0.nodes.push(Node::Bool(v));
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        self.0.nodes.push(Node::Int(v));
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        self.0
+            .nodes
+            .push(i64::try_from(v).map_or(Node::UInt(v), Node::Int));
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        self.0.nodes.push(Node::Float(v));
+        Ok(())
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        self.push_str(v)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        let at = self.open();
+        let mut len = 0;
+        while seq.next_element_seed(Seed(self.0))?.is_some() {
+            len += 1;
+        }
+        self.close(at, len, false)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        let at = self.open();
+        let mut len = 0;
+        while map.next_key_seed(Seed(self.0))?.is_some() {
+            map.next_value_seed(Seed(self.0))?;
+            len += 1;
+        }
+        self.close(at, len, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(text: &str) -> Json {
+        Json::parse(&Bytes::copy_from_slice(text.as_bytes())).expect("valid JSON")
+    }
+
+    #[test]
+    fn round_trips_every_kind_of_value() {
+        let text = r#"{"a":[1,-2,18446744073709551615,2.5,true,false,null],
+                       "s":"plain","e":"tab\there \u00e9","n":{"x":{}},"z":[]}"#;
+        let doc = parse(text);
+        let expected: serde_json::Value = serde_json::from_str(text).expect("json");
+        assert_eq!(doc.to_value(), expected);
+        // Strings without escapes stay in the payload; escaped ones are owned.
+        let s = doc.path(["s"]).expect("s");
+        assert!(matches!(doc.nodes()[s], Node::Str { .. }));
+        let e = doc.path(["e"]).expect("e");
+        assert_eq!(doc.str_at(doc.nodes()[e]), Some("tab\there é"));
+        assert!(matches!(doc.nodes()[e], Node::Owned(0)));
+    }
+
+    #[test]
+    fn fields_are_found_past_nested_values() {
+        let doc = parse(r#"{"skip":{"seq":99,"deep":[{"seq":98}]},"seq":7,"px":{"bid":1.5}}"#);
+        let seq = doc.path(["seq"]).expect("seq");
+        assert_eq!(doc.nodes()[seq], Node::Int(7));
+        let bid = doc.path(["px", "bid"]).expect("px.bid");
+        assert_eq!(doc.value_at(bid), json!(1.5));
+        assert_eq!(doc.path(["missing"]), None);
+        assert_eq!(doc.path(["seq", "x"]), None, "not an object");
+        assert_eq!(doc.skip(0), doc.nodes().len());
+    }
+
+    #[test]
+    fn refuses_what_is_not_one_json_document() {
+        for bad in ["{", "[1,]", "{\"a\":1} x", "", "nul", "\"\\ud800\""] {
+            let payload = Bytes::copy_from_slice(bad.as_bytes());
+            assert!(Json::parse(&payload).is_err(), "{bad:?}");
+        }
+        let deep = "[".repeat(200) + &"]".repeat(200);
+        let payload = Bytes::from(deep);
+        assert!(Json::parse(&payload).is_err(), "nesting is limited");
+    }
+}
