@@ -233,13 +233,19 @@ class Completion:
 # -- wspool ---------------------------------------------------------------------------------------
 
 
-def _drain(stream: Any, feed: Callable[[Any], None]) -> None:
-    """Hands every result to ``feed``, one at a time: the fastest way the current API offers.
-
-    When ``Stream.batches()`` exists, a batch-wise variant of this loop goes here.
-    """
-    for result in stream:
-        feed(result)
+def _drain(stream: Any, feed: Callable[[Any], None], scenario: str) -> int:
+    """Hands every result to ``feed``, taking them a list at a time (``Stream.batches()``);
+    for ``ref`` only counts them, a list at a time. Returns how many results came."""
+    counted = 0
+    if scenario == "ref":
+        for batch in stream.batches():
+            counted += len(batch)
+        return counted
+    for batch in stream.batches():
+        counted += len(batch)
+        for result in batch:
+            feed(result)
+    return counted
 
 
 def _wspool_feed(scenario: str, size: int, count: int) -> tuple[Callable[[Any], None], Any]:
@@ -247,7 +253,6 @@ def _wspool_feed(scenario: str, size: int, count: int) -> tuple[Callable[[Any], 
     done = Completion(count)
     seen = done.seen
     total = 0
-    counted = 0
     latencies = array("q", bytes(8 * count))
 
     def failed(result: Any) -> CheckError:
@@ -256,8 +261,7 @@ def _wspool_feed(scenario: str, size: int, count: int) -> tuple[Callable[[Any], 
     if scenario == "ref":
 
         def feed(result: Any) -> None:
-            nonlocal counted
-            counted += 1
+            raise AssertionError("ref results are only counted, by _drain")
 
     elif scenario in ("count", "large"):
 
@@ -323,7 +327,7 @@ def _wspool_feed(scenario: str, size: int, count: int) -> tuple[Callable[[Any], 
     else:
         raise ValueError(scenario)
 
-    def summary() -> dict[str, Any]:
+    def summary(counted: int) -> dict[str, Any]:
         if scenario == "ref":
             return {"count": counted, "checksum": None}
         if scenario != "work":
@@ -373,12 +377,12 @@ def run_wspool(job: Job, workers: Optional[int] = None) -> dict[str, Any]:
         workers=workers,
         timeout=job.deadline,
     ) as stream:
-        _drain(stream, feed)
+        counted = _drain(stream, feed, job.scenario)
     if stream.error is not None:
         raise stream.error
     if stream.stats.failed:
         raise CheckError(f"{stream.stats.failed} jobs failed")
-    result = summary()
+    result = summary(counted)
     result["note"] = f"workers={stream.stats.workers}, results in completion order"
     return result
 

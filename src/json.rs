@@ -17,11 +17,20 @@ pub enum Node {
     UInt(u64),
     Float(f64),
     /// A string without escapes: `payload[start..start + len]`.
-    Str { start: u32, len: u32 },
+    Str {
+        start: u32,
+        len: u32,
+    },
     /// A string that had escapes: `owned[index]`.
     Owned(u32),
-    Array { len: u32, end: u32 },
-    Object { len: u32, end: u32 },
+    Array {
+        len: u32,
+        end: u32,
+    },
+    Object {
+        len: u32,
+        end: u32,
+    },
 }
 
 /// A decoded JSON document.

@@ -22,6 +22,12 @@ pub trait Processor: Send + Sync + 'static {
     /// result, and says whether that result is a success.
     fn process(&self, job: Job, decoded: Result<Data, DecodeError>) -> (Self::Output, bool);
 
+    /// Runs `work`, which processes one batch of jobs one by one. An implementation may set up
+    /// once per batch what every job needs (the Python layer takes the GIL here).
+    fn batch(&self, work: &mut dyn FnMut()) {
+        work();
+    }
+
     /// The result for a job whose processing panicked; the worker goes on.
     fn panicked(&self, job: Job, error: Error) -> Self::Output;
 }
@@ -88,9 +94,9 @@ impl<O> Outlet<'_, O> {
     /// nobody takes results.
     fn put(&self, outputs: Vec<(u64, Option<O>)>) -> bool {
         match &self.reorder {
-            Some(r) => outputs
-                .into_iter()
-                .fold(true, |alive, (slot, o)| r.put(slot, o, &self.results, self.shared) && alive),
+            Some(r) => outputs.into_iter().fold(true, |alive, (slot, o)| {
+                r.put(slot, o, &self.results, self.shared) && alive
+            }),
             None => {
                 let batch: Vec<O> = outputs.into_iter().filter_map(|(_, o)| o).collect();
                 batch.is_empty() || self.results.send(batch).is_ok()
@@ -120,20 +126,23 @@ fn work<P: Processor>(
         let n = popped.len() as u64;
         let mut outputs = Vec::with_capacity(popped.len());
         let mut keys = Vec::new();
-        for Popped { job, slot, key } in popped.drain(..) {
-            let output = if consumer_gone || shared.is_cancelled() {
-                shared.on_cancelled();
-                None
-            } else {
-                Some(run_one(processor, mode, job, shared))
-            };
-            outputs.push((slot, output));
-            keys.extend(key);
-        }
+        processor.batch(&mut || {
+            for Popped { job, slot, key } in popped.drain(..) {
+                let output = if consumer_gone || shared.is_cancelled() {
+                    shared.on_cancelled();
+                    None
+                } else {
+                    Some(run_one(processor, mode, job, shared))
+                };
+                outputs.push((slot, output));
+                keys.extend(key);
+            }
+        });
         let took = started.elapsed().as_nanos() as u64 / n;
         per_job_ns = (per_job_ns * 3 + took) / 4;
         max = (BATCH_BUDGET.as_nanos() as u64 / per_job_ns.max(1)).clamp(1, MAX_BATCH as u64)
             as usize;
+        queue.set_batch_hint(max);
         consumer_gone |= !outlet.put(outputs);
         // After the results are out, so results of one key keep their order.
         for key in keys {
@@ -298,7 +307,11 @@ mod tests {
         order: Order,
         mode: DecodeMode,
         shared: &Arc<Shared>,
-    ) -> (Arc<JobQueue>, flume::Receiver<Vec<Out>>, Vec<JoinHandle<()>>) {
+    ) -> (
+        Arc<JobQueue>,
+        flume::Receiver<Vec<Out>>,
+        Vec<JoinHandle<()>>,
+    ) {
         let queue = Arc::new(JobQueue::new(capacity, Overflow::Block, order));
         let (rtx, rrx) = flume::bounded(4);
         let pipes = Pipes {
@@ -342,7 +355,9 @@ mod tests {
         for r in rrx.iter().flatten() {
             match r {
                 Ok((id, d)) => {
-                    let Data::Json(doc) = d else { panic!("not JSON: {d:?}") };
+                    let Data::Json(doc) = d else {
+                        panic!("not JSON: {d:?}")
+                    };
                     assert_eq!(doc.to_value(), serde_json::json!([1]));
                     ids.push(id);
                 }

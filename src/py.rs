@@ -2,7 +2,8 @@
 //! blocking wait runs with the GIL released, in slices, checking for signals between slices so
 //! Ctrl-C interrupts it.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use pyo3::exceptions::PyValueError;
@@ -10,7 +11,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString};
 
 use crate::errors::Error;
+use bytes::Bytes;
+
 use crate::job::{Data, DecodeError, DecodeMode, Job, Kind};
+use crate::json::{Json, Node};
 use crate::pool::Processor;
 use crate::queue::{Order, Overflow};
 use crate::state::StatsSnapshot;
@@ -77,56 +81,139 @@ fn decode_error(py: Python<'_>, job: &Job, e: &DecodeError) -> PyResult<Py<PyAny
     Ok(class.call((message,), Some(&kwargs))?.unbind())
 }
 
-fn json_to_py<'py>(py: Python<'py>, value: &serde_json::Value) -> PyResult<Bound<'py, PyAny>> {
-    use serde_json::Value;
-    Ok(match value {
-        Value::Null => py.None().into_bound(py),
-        Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any(),
-        Value::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                i.into_pyobject(py)?.into_any()
-            } else if let Some(u) = n.as_u64() {
-                u.into_pyobject(py)?.into_any()
-            } else {
-                n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any()
-            }
+/// Python `str` objects for the keys of decoded JSON objects, shared by a stream's
+/// conversions: feeds repeat the same few keys, and a cached key costs a lookup, not a new
+/// string. Bounded: keys up to 64 bytes, 4,096 of them.
+#[derive(Default)]
+pub struct KeyCache(Mutex<HashMap<Box<[u8]>, Py<PyString>>>);
+
+const KEY_CACHE_ENTRIES: usize = 4096;
+const KEY_CACHE_KEY_BYTES: usize = 64;
+
+impl KeyCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<[u8]>, Py<PyString>>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn json_key<'py>(
+    py: Python<'py>,
+    text: &str,
+    keys: &mut HashMap<Box<[u8]>, Py<PyString>>,
+) -> Bound<'py, PyString> {
+    if let Some(k) = keys.get(text.as_bytes()) {
+        return k.bind(py).clone();
+    }
+    let key = PyString::new(py, text);
+    if text.len() <= KEY_CACHE_KEY_BYTES && keys.len() < KEY_CACHE_ENTRIES {
+        keys.insert(text.as_bytes().into(), key.clone().unbind());
+    }
+    key
+}
+
+/// Builds the Python value of the tape node at `*at` (and its descendants), moving `*at` past
+/// it. Nesting is bounded by the parser (128 levels).
+fn json_node<'py>(
+    py: Python<'py>,
+    doc: &Json,
+    at: &mut usize,
+    keys: &mut HashMap<Box<[u8]>, Py<PyString>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let node = doc.nodes()[*at];
+    *at += 1;
+    Ok(match node {
+        Node::Null => py.None().into_bound(py),
+        Node::Bool(b) => PyBool::new(py, b).to_owned().into_any(),
+        Node::Int(i) => i.into_pyobject(py)?.into_any(),
+        Node::UInt(u) => u.into_pyobject(py)?.into_any(),
+        Node::Float(f) => f.into_pyobject(py)?.into_any(),
+        Node::Str { .. } | Node::Owned(_) => {
+            PyString::new(py, doc.str_at(node).unwrap_or_default()).into_any()
         }
-        Value::String(s) => PyString::new(py, s).into_any(),
-        Value::Array(items) => {
-            let list = PyList::empty(py);
-            for item in items {
-                list.append(json_to_py(py, item)?)?;
-            }
-            list.into_any()
+        Node::Array { len, .. } => {
+            let items = (0..len)
+                .map(|_| json_node(py, doc, at, keys))
+                .collect::<PyResult<Vec<_>>>()?;
+            PyList::new(py, items)?.into_any()
         }
-        Value::Object(map) => {
+        Node::Object { len, .. } => {
             let dict = PyDict::new(py);
-            for (k, v) in map {
-                dict.set_item(PyString::new(py, k), json_to_py(py, v)?)?;
+            for _ in 0..len {
+                let key = json_key(py, doc.str_at(doc.nodes()[*at]).unwrap_or_default(), keys);
+                *at += 1;
+                dict.set_item(key, json_node(py, doc, at, keys)?)?;
             }
             dict.into_any()
         }
     })
 }
 
-fn data_to_py(py: Python<'_>, data: &Data) -> PyResult<Py<PyAny>> {
+fn json_to_py<'py>(py: Python<'py>, doc: &Json, keys: &KeyCache) -> PyResult<Bound<'py, PyAny>> {
+    json_node(py, doc, &mut 0, &mut keys.lock())
+}
+
+fn data_to_py(py: Python<'_>, data: &Data, keys: &KeyCache) -> PyResult<Py<PyAny>> {
     Ok(match data {
         Data::Bytes(b) => PyBytes::new(py, b).into_any().unbind(),
         Data::Text(s) => PyString::new(py, s).into_any().unbind(),
-        Data::Json(v) => json_to_py(py, v)?.unbind(),
+        Data::Json(doc) => json_to_py(py, doc, keys)?.unbind(),
     })
+}
+
+/// What a job's Python objects are made from, shared by its `Job` and `Result` (both built
+/// only when asked for): the message as read and decoded, and `data` once converted.
+struct Native {
+    id: u64,
+    kind: Kind,
+    received_at: f64,
+    connection: u32,
+    payload: Bytes,
+    /// The decoded payload; None when it did not decode (`data` is then the raw bytes).
+    decoded: Option<Data>,
+    keys: Arc<KeyCache>,
+    data: OnceLock<Py<PyAny>>,
+}
+
+impl Native {
+    fn new(job: Job, decoded: Option<Data>, keys: &Arc<KeyCache>) -> Arc<Native> {
+        Arc::new(Native {
+            id: job.id,
+            kind: job.kind,
+            received_at: job.received_at,
+            connection: job.connection,
+            payload: job.payload,
+            decoded,
+            keys: keys.clone(),
+            data: OnceLock::new(),
+        })
+    }
+
+    fn data(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        if let Some(d) = self.data.get() {
+            return Ok(d.clone_ref(py));
+        }
+        let made = match &self.decoded {
+            Some(d) => data_to_py(py, d, &self.keys)?,
+            None => PyBytes::new(py, &self.payload).into_any().unbind(),
+        };
+        Ok(self.data.get_or_init(|| made).clone_ref(py))
+    }
 }
 
 /// One received message: what the handler gets and what `Result.job` holds.
 #[pyclass(frozen, module = "wspool", name = "Job")]
 pub struct PyJob {
-    id: u64,
-    kind: Kind,
-    data: Py<PyAny>,
-    received_at: f64,
-    connection: u32,
-    size: usize,
+    native: Arc<Native>,
     metadata: OnceLock<Py<PyDict>>,
+}
+
+impl PyJob {
+    fn new(native: Arc<Native>) -> PyJob {
+        PyJob {
+            native,
+            metadata: OnceLock::new(),
+        }
+    }
 }
 
 #[pymethods]
@@ -134,32 +221,32 @@ impl PyJob {
     /// Position of the message in the stream: 0, 1, 2, ... in receipt order.
     #[getter]
     fn id(&self) -> u64 {
-        self.id
+        self.native.id
     }
 
     /// The frame type the message arrived in: "text" or "binary".
     #[getter(r#type)]
     fn kind(&self) -> &'static str {
-        self.kind.as_str()
+        self.native.kind.as_str()
     }
 
     /// The payload after decoding: bytes, str or a JSON value, as `decode=` asked (the raw
     /// bytes when it did not decode).
     #[getter]
-    fn data(&self, py: Python<'_>) -> Py<PyAny> {
-        self.data.clone_ref(py)
+    fn data(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.native.data(py)
     }
 
     /// `time.time()` when the message was read from the socket.
     #[getter]
     fn received_at(&self) -> f64 {
-        self.received_at
+        self.native.received_at
     }
 
     /// Which connection of the stream delivered the message (0 for the first).
     #[getter]
     fn connection(&self) -> u32 {
-        self.connection
+        self.native.connection
     }
 
     /// A dict about the message: "size" (payload bytes as received).
@@ -169,21 +256,23 @@ impl PyJob {
             return Ok(m.clone_ref(py));
         }
         let dict = PyDict::new(py);
-        dict.set_item("size", self.size)?;
+        dict.set_item("size", self.native.payload.len())?;
         Ok(self.metadata.get_or_init(|| dict.unbind()).clone_ref(py))
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-        let data = self.data.bind(py).repr()?;
+        let data = self.native.data(py)?;
+        let data = data.bind(py).repr()?;
         let data = data.to_cow()?;
         let shown: String = data.chars().take(60).collect();
         let more = if data.chars().count() > 60 { "..." } else { "" };
+        let n = &self.native;
         Ok(format!(
             "Job(id={}, type={:?}, connection={}, size={}, data={shown}{more})",
-            self.id,
-            self.kind.as_str(),
-            self.connection,
-            self.size
+            n.id,
+            n.kind.as_str(),
+            n.connection,
+            n.payload.len()
         ))
     }
 }
@@ -192,23 +281,40 @@ impl PyJob {
 /// there is no handler) or `error` (the exception the handler raised, or a `DecodeError`).
 #[pyclass(frozen, module = "wspool", name = "Result")]
 pub struct PyJobResult {
-    job: Py<PyJob>,
-    value: Py<PyAny>,
+    native: Arc<Native>,
+    job: OnceLock<Py<PyJob>>,
+    /// The handler's return value; None: the value is the job's data (no handler), or there
+    /// is none (an error).
+    value: Option<Py<PyAny>>,
     error: Option<Py<PyAny>>,
+}
+
+impl PyJobResult {
+    fn job_obj(&self, py: Python<'_>) -> PyResult<Py<PyJob>> {
+        if let Some(j) = self.job.get() {
+            return Ok(j.clone_ref(py));
+        }
+        let made = Py::new(py, PyJob::new(self.native.clone()))?;
+        Ok(self.job.get_or_init(|| made).clone_ref(py))
+    }
 }
 
 #[pymethods]
 impl PyJobResult {
     /// The job this result belongs to.
     #[getter]
-    fn job(&self, py: Python<'_>) -> Py<PyJob> {
-        self.job.clone_ref(py)
+    fn job(&self, py: Python<'_>) -> PyResult<Py<PyJob>> {
+        self.job_obj(py)
     }
 
     /// What the handler returned (the decoded payload without a handler); None on error.
     #[getter]
-    fn value(&self, py: Python<'_>) -> Py<PyAny> {
-        self.value.clone_ref(py)
+    fn value(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        match (&self.value, &self.error) {
+            (Some(v), _) => Ok(v.clone_ref(py)),
+            (None, Some(_)) => Ok(py.None()),
+            (None, None) => self.native.data(py),
+        }
     }
 
     /// The exception object (traceback kept) when the job failed, else None.
@@ -224,9 +330,12 @@ impl PyJobResult {
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-        let id = self.job.get().id;
+        let id = self.native.id;
         Ok(match &self.error {
-            None => format!("Result(id={id}, value={})", self.value.bind(py).repr()?),
+            None => format!(
+                "Result(id={id}, value={})",
+                self.value(py)?.bind(py).repr()?
+            ),
             Some(e) => format!("Result(id={id}, error={})", e.bind(py).repr()?),
         })
     }
@@ -346,48 +455,39 @@ enum Out {
 
 struct PyProcessor {
     handler: Option<Py<PyAny>>,
-}
-
-fn make_job(py: Python<'_>, job: &Job, data: Py<PyAny>) -> PyResult<Py<PyJob>> {
-    Py::new(
-        py,
-        PyJob {
-            id: job.id,
-            kind: job.kind,
-            data,
-            received_at: job.received_at,
-            connection: job.connection,
-            size: job.payload.len(),
-            metadata: OnceLock::new(),
-        },
-    )
+    keys: Arc<KeyCache>,
 }
 
 /// Builds the Python result of a job; the handler (if any) runs here.
 fn finish(
     py: Python<'_>,
     handler: Option<&Py<PyAny>>,
-    job: &Job,
-    decoded: &Result<Data, DecodeError>,
+    keys: &Arc<KeyCache>,
+    job: Job,
+    decoded: Result<Data, DecodeError>,
 ) -> PyResult<(Py<PyJobResult>, bool)> {
-    let (data, decode_failure) = match decoded {
-        Ok(d) => (data_to_py(py, d)?, None),
-        Err(e) => (
-            PyBytes::new(py, &job.payload).into_any().unbind(),
-            Some(decode_error(py, job, e)?),
-        ),
+    let decode_failure = match &decoded {
+        Err(e) => Some(decode_error(py, &job, e)?),
+        Ok(_) => None,
     };
-    let job_obj = make_job(py, job, data.clone_ref(py))?;
+    let native = Native::new(job, decoded.ok(), keys);
+    let job_obj = OnceLock::new();
     let (value, error) = match (decode_failure, handler) {
-        (Some(err), _) => (py.None(), Some(err)),
-        (None, None) => (data, None),
-        (None, Some(h)) => match h.call1(py, (job_obj.clone_ref(py),)) {
-            Ok(v) => (v, None),
-            Err(e) => (py.None(), Some(e.into_value(py).into_any())),
-        },
+        (Some(err), _) => (None, Some(err)),
+        (None, None) => (None, None),
+        (None, Some(h)) => {
+            let made = Py::new(py, PyJob::new(native.clone()))?;
+            let returned = h.call1(py, (made.clone_ref(py),));
+            let _ = job_obj.set(made);
+            match returned {
+                Ok(v) => (Some(v), None),
+                Err(e) => (None, Some(e.into_value(py).into_any())),
+            }
+        }
     };
     let ok = error.is_none();
     let result = PyJobResult {
+        native,
         job: job_obj,
         value,
         error,
@@ -395,14 +495,19 @@ fn finish(
     Ok((Py::new(py, result)?, ok))
 }
 
-fn internal_result(py: Python<'_>, job: &Job, error: Error) -> PyResult<Py<PyJobResult>> {
-    let data = PyBytes::new(py, &job.payload).into_any().unbind();
+fn internal_result(
+    py: Python<'_>,
+    keys: &Arc<KeyCache>,
+    job: Job,
+    error: Error,
+) -> PyResult<Py<PyJobResult>> {
     let err = to_pyerr(py, error).into_value(py).into_any();
     Py::new(
         py,
         PyJobResult {
-            job: make_job(py, job, data)?,
-            value: py.None(),
+            native: Native::new(job, None, keys),
+            job: OnceLock::new(),
+            value: None,
             error: Some(err),
         },
     )
@@ -416,18 +521,32 @@ impl Processor for PyProcessor {
             let ok = decoded.is_ok();
             return (Out::Native(job, decoded), ok);
         };
+        // Cheap (the payload is shared): kept to describe the job if its result cannot be made.
+        let copy = job.clone();
         // try_attach: never attach to an interpreter that is shutting down (the Python side
-        // cancels live streams at exit, so this is only a second line of defence).
-        let done = Python::try_attach(|py| match finish(py, Some(handler), &job, &decoded) {
-            Ok((result, ok)) => Ok((Out::Done(result), ok)),
-            Err(e) => Err(format!("cannot build the result of job {}: {e}", job.id)),
-        });
+        // cancels live streams at exit, so this is only a second line of defence). Within a
+        // batch the GIL is held already and this is only a check.
+        let done =
+            Python::try_attach(
+                |py| match finish(py, Some(handler), &self.keys, job, decoded) {
+                    Ok((result, ok)) => Ok((Out::Done(result), ok)),
+                    Err(e) => Err(format!("cannot build the result of job {}: {e}", copy.id)),
+                },
+            );
         let error = match done {
             Some(Ok(done)) => return done,
             Some(Err(msg)) => msg,
             None => "the Python interpreter is shutting down".to_string(),
         };
-        (Out::Panicked(job, Error::Internal(error)), false)
+        (Out::Panicked(copy, Error::Internal(error)), false)
+    }
+
+    fn batch(&self, work: &mut dyn FnMut()) {
+        // One GIL acquisition per batch of handler calls, not one per job: each acquisition
+        // may wait for the thread that holds it (up to the interpreter's switch interval).
+        if self.handler.is_none() || Python::try_attach(|_| work()).is_none() {
+            work();
+        }
     }
 
     fn panicked(&self, job: Job, error: Error) -> Out {
@@ -435,11 +554,11 @@ impl Processor for PyProcessor {
     }
 }
 
-fn out_to_py(py: Python<'_>, out: Out) -> PyResult<Py<PyJobResult>> {
+fn out_to_py(py: Python<'_>, keys: &Arc<KeyCache>, out: Out) -> PyResult<Py<PyJobResult>> {
     match out {
         Out::Done(r) => Ok(r),
-        Out::Native(job, decoded) => Ok(finish(py, None, &job, &decoded)?.0),
-        Out::Panicked(job, error) => internal_result(py, &job, error),
+        Out::Native(job, decoded) => Ok(finish(py, None, keys, job, decoded)?.0),
+        Out::Panicked(job, error) => internal_result(py, keys, job, error),
     }
 }
 
@@ -473,6 +592,7 @@ where
 #[pyclass(frozen, module = "wspool._native", name = "NativeStream")]
 pub struct NativeStream {
     inner: Stream<Out>,
+    keys: Arc<KeyCache>,
     close_timeout: Duration,
 }
 
@@ -655,10 +775,15 @@ impl NativeStream {
             .transpose()?;
         config.on_event = on_event.map(event_hook);
         let close_timeout = config.close_timeout;
-        let processor = PyProcessor { handler };
+        let keys = Arc::new(KeyCache::default());
+        let processor = PyProcessor {
+            handler,
+            keys: keys.clone(),
+        };
         let inner = Stream::start(config, processor).map_err(|e| to_pyerr(py, e))?;
         Ok(NativeStream {
             inner,
+            keys,
             close_timeout,
         })
     }
@@ -685,7 +810,7 @@ impl NativeStream {
             Some(Batch::Items(items)) => {
                 let converted = items
                     .into_iter()
-                    .map(|o| out_to_py(py, o))
+                    .map(|o| out_to_py(py, &self.keys, o))
                     .collect::<PyResult<Vec<_>>>()?;
                 Ok(Some(PyList::new(py, converted)?))
             }

@@ -312,22 +312,28 @@ impl Reader {
         // went out.
         let mut idle = Duration::ZERO;
         let mut pinged_at: Option<Duration> = None;
+        let mut stamp: Option<f64> = None;
         loop {
-            let asked = *self.control.borrow_and_update();
-            if asked != Control::Run {
-                return Stop::Asked(asked);
+            // Once per run of messages: the stop request, the deadline and the receipt time
+            // (the messages of one run came out of the socket together).
+            if batch.is_empty() {
+                let asked = *self.control.borrow_and_update();
+                if asked != Control::Run {
+                    return Stop::Asked(asked);
+                }
+                if self
+                    .deadline
+                    .is_some_and(|d| tokio::time::Instant::now() >= d)
+                {
+                    return Stop::Deadline;
+                }
+                stamp = None;
             }
             let wake = match pinged_at {
                 None => interval,
                 Some(at) => timeout.map(|t| at + t),
             };
             // A frame already buffered is taken without arming any timer (the busy path).
-            if self
-                .deadline
-                .is_some_and(|d| tokio::time::Instant::now() >= d)
-            {
-                return Stop::Deadline;
-            }
             let next = match ws.next().now_or_never() {
                 Some(next) => next,
                 None if !batch.is_empty() => {
@@ -387,7 +393,7 @@ impl Reader {
                 id: self.next_id,
                 kind,
                 payload,
-                received_at: unix_now(),
+                received_at: *stamp.get_or_insert_with(unix_now),
                 connection: self.connection,
             };
             self.next_id += 1;

@@ -306,7 +306,25 @@ class Stream:
     # -- iteration ---------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Result]:
-        return self
+        # A generator rather than __next__: one resumption per result instead of a Python
+        # method call. The results stay in the stream's buffer, so breaking out of the loop
+        # and iterating again loses nothing.
+        buffer = self._buffer
+        take = buffer.popleft
+        resume = self._resume
+        while True:
+            while not buffer:
+                if not self._fill():
+                    self._raise_error()
+                    return
+            if resume is None:
+                while buffer:
+                    yield take()
+            else:
+                while buffer:
+                    result = take()
+                    resume.last = result.job
+                    yield result
 
     def __next__(self) -> Result:
         buffer = self._buffer
@@ -318,10 +336,31 @@ class Stream:
             self._resume.last = result.job
         return result
 
-    def _raise_end(self, stop: type[Exception]) -> None:
+    def batches(self) -> Iterator[list[Result]]:
+        """Yields the results in lists, each holding what had arrived (at most ``batch_size``),
+        waiting for at least one: the fastest way to consume a busy stream, since the
+        per-result cost of iteration is paid once per list. Ends, or raises the error that
+        ended the stream, as iteration does; ``on_result`` still sees every result."""
+        buffer = self._buffer
+        while True:
+            while not buffer:
+                if not self._fill():
+                    self._raise_error()
+                    return
+            batch = list(buffer)
+            buffer.clear()
+            if self._resume is not None:
+                self._resume.last = batch[-1].job
+            yield batch
+
+    def _raise_error(self) -> None:
+        """Raises, once, the error that ended the stream, if any."""
         if self._error is not None and not self._error_raised:
             self._error_raised = True
             raise self._error
+
+    def _raise_end(self, stop: type[Exception]) -> None:
+        self._raise_error()
         raise stop
 
     def _ensure_connected(self) -> None:
