@@ -253,7 +253,13 @@ impl Reader {
                 Ended::Finished
             }
             Stop::Asked(Control::Cancel) => {
-                close(&mut ws, CloseCode::Normal, close_timeout, false).await;
+                // 1001 when the consumer is going away (Ctrl-C, exit, dropped unclosed).
+                let code = if self.shared.going_away() {
+                    CloseCode::Away
+                } else {
+                    CloseCode::Normal
+                };
+                close(&mut ws, code, close_timeout, false).await;
                 Ended::Finished
             }
             Stop::ServerClosed(frame) => {
