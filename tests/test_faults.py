@@ -84,6 +84,7 @@ def test_a_hung_handler_is_abandoned_close_returns_and_the_process_exits(mock_se
     exiting = float(lines[1].split()[-1])
     ended = time.monotonic()
     # close() gave up after close_timeout (1 s) without a result, not much later.
+    print(f"hung handler: close() returned after {report['close']:.3f} s (close_timeout 1 s)")
     assert 0.9 <= report["close"] < 2.5, report
     stats = report["stats"]
     assert stats["received"] == 20 and stats["processed"] == 19, stats
@@ -329,6 +330,7 @@ def test_a_server_killed_with_sigkill_is_connection_closed_at_once(server_proces
     stream = wspool.consume(url, workers=2)
     took, error, _n = _fail_after(stream, lambda: os.kill(proc.pid, signal.SIGKILL))
     assert isinstance(error, wspool.ConnectionClosed) and error.code == 1006, error
+    print(f"SIGKILL: ConnectionClosed {took:.3f} s after the kill")
     assert took < 1.0, took
     assert stream.finished and stream.stats.threads == 0
     assert_accounted(stream.stats)
@@ -343,6 +345,7 @@ def test_a_server_stopped_with_sigstop_is_found_by_the_heartbeat(server_process,
     took, error, _n = _fail_after(stream, lambda: os.kill(proc.pid, signal.SIGSTOP))
     assert isinstance(error, wspool.ConnectionClosed) and error.code == 1006, error
     assert "ping" in str(error)
+    print(f"SIGSTOP: ConnectionClosed {took:.3f} s after the stop")
     # The README's bound: ping_interval + ping_timeout (1 s), plus scheduling slack.
     assert 0.9 <= took < 2.0, took
     assert stream.stats.threads == 0
@@ -374,6 +377,7 @@ def test_a_thousand_connect_close_cycles_leak_no_fd_and_no_thread(server_process
     while (_fds(), _tasks()) != (fds, tasks) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert (_fds(), _tasks(), threading.active_count()) == (fds, tasks, pythreads)
+    print(f"1,000 connect/close cycles in {took:.1f} s")
     assert took < 60, took
 
 
