@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use wspool::{DecodeMode, Error, StatsSnapshot, Stream};
+use wspool::{DecodeMode, StatsSnapshot, Stream};
 
 use common::*;
 
@@ -74,6 +74,7 @@ fn a_plain_cancel_still_closes_with_1000() {
 mod panics {
     use super::*;
     use tokio_tungstenite::tungstenite::Message;
+    use wspool::Error;
 
     #[test]
     fn a_panic_on_the_io_thread_ends_the_stream_with_an_internal_error() {
