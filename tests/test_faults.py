@@ -5,6 +5,7 @@ subprocess; every test has a watchdog (pytest-timeout, and timeouts on every wai
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -442,3 +443,30 @@ def test_streams_dropped_without_close_from_any_thread(server_process):
     assert words[0] == "threads" and words[1] == words[2], proc.stdout
     assert "panicked" not in proc.stderr
     assert_clean(proc.stderr)
+
+
+def test_aclose_gives_up_on_a_hung_handler_too(mock_server):
+    release = threading.Event()
+    server = mock_server(count=10, close_code=None)
+
+    def handler(job):
+        if job.id == 0:
+            release.wait(30)
+        return job.id
+
+    async def main() -> tuple[float, wspool.Stats]:
+        async with wspool.consume(server.url, handler, workers=2, close_timeout=0.5) as stream:
+            seen = 0
+            async for _ in stream:
+                seen += 1
+                if seen == 9:
+                    break
+            start = time.monotonic()
+            await stream.aclose()
+            return time.monotonic() - start, stream.stats
+
+    took, stats = asyncio.run(main())
+    release.set()
+    assert 0.4 <= took < 2.0, took
+    assert stats.abandoned == 1 and stats.processed == 9, stats
+    assert_accounted(stats)

@@ -487,7 +487,7 @@ class Stream:
             )
         return self._executor.submit(fn)
 
-    async def _afill(self) -> bool:
+    async def _afill(self, stall_timeout: Optional[float] = None) -> bool:
         """The async `_fill`: a helper thread waits for the batch (GIL released) and the event
         loop is woken through its thread-safe call when it is there; the loop never blocks."""
         self._deliver()
@@ -496,7 +496,9 @@ class Stream:
                 await self._ajoin(self._close_timeout)
             return False
         if self._pending is None:
-            self._pending = self._run_in_thread(lambda: self._native.next_batch(self._batch_size))
+            self._pending = self._run_in_thread(
+                lambda: self._native.next_batch(self._batch_size, stall_timeout)
+            )
         pending = self._pending
         try:
             batch = await asyncio.wrap_future(pending)
@@ -506,6 +508,8 @@ class Stream:
             return False
         # Only now: if the await was cancelled, the batch stays in `pending` for the next call.
         self._pending = None
+        if batch == []:
+            raise _Stalled
         if batch is None:
             await self._afinish(None)
             return False
@@ -554,8 +558,12 @@ class Stream:
         if self._delivering or _native.on_stream_thread():
             return
         try:
-            while await self._afill():
+            while await self._afill(self._close_timeout):
                 pass
+        except _Stalled:
+            # No result for close_timeout (a handler hangs): give up, as close() does.
+            self._drop()
+            await self._ajoin(0.0)
         except BaseException:
             # on_result raised, or the task was cancelled during the drain: end abruptly, as
             # close() does.
@@ -644,8 +652,8 @@ class Stream:
 
     @property
     def stats(self) -> Stats:
-        """A snapshot of the counters: received, processed, failed, cancelled, in_flight, bytes,
-        elapsed, workers, threads."""
+        """A snapshot of the counters: received, processed, failed, cancelled, dropped,
+        abandoned, in_flight, bytes, elapsed, workers, threads."""
         return self._native.stats
 
     @property
