@@ -10,13 +10,15 @@ install:  ## build (release) and install wspool
 demo: install  ## consume the bundled mock stream, with live progress
 	$(PYTHON) -m wspool demo
 
+# The development build carries the inert test-only panic triggers (cargo feature test-panic,
+# see src/stream.rs) that tests/test_faults.py fires; `make install` builds without them.
 dev:  ## editable install with the test and lint tools
-	$(PIP) install -e '.[dev]'
+	MATURIN_PEP517_ARGS="--features python,pyo3/extension-module,test-panic" $(PIP) install -e '.[dev]'
 
 lint: dev
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
-	cargo clippy --all-targets --features python -- -D warnings
+	cargo clippy --all-targets --features python,test-panic -- -D warnings
 	$(PYTHON) -m ruff check python tests benches
 	$(PYTHON) -m ruff format --check python tests benches
 	$(PYTHON) -m mypy
@@ -25,7 +27,7 @@ lint: dev
 test: dev test-rust test-python  ## install, then run the Rust and the Python tests
 
 test-rust:
-	cargo test
+	cargo test --features test-panic
 
 test-python:
 	$(PYTHON) -m pytest

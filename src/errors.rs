@@ -52,6 +52,11 @@ pub enum Error {
     #[error("{0}")]
     Callback(String),
 
+    /// The stream was started by the parent of this (forked) process: its threads and its
+    /// connection are not here.
+    #[error("this stream was started in process {pid}, before os.fork(); it cannot be used in the child process {child}: start a new stream there")]
+    Forked { pid: u32, child: u32 },
+
     /// A bug in wspool itself (a panic caught on a native thread).
     #[error("internal error in wspool: {0}")]
     Internal(String),
@@ -105,6 +110,7 @@ impl Error {
             | Error::MessageTooBig { .. }
             | Error::Overflow { .. }
             | Error::Callback(_)
+            | Error::Forked { .. }
             | Error::Internal(_) => false,
         }
     }

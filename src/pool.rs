@@ -152,6 +152,8 @@ fn work<P: Processor>(
 }
 
 fn run_one<P: Processor>(processor: &P, mode: DecodeMode, job: Job, shared: &Shared) -> P::Output {
+    // Counted as running, so that a handler the owner gives up on is counted as abandoned.
+    shared.on_started();
     // Cheap: the payload is reference-counted. Kept to describe the job if it panics.
     let copy = job.clone();
     let outcome = catch_unwind(AssertUnwindSafe(|| {

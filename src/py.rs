@@ -63,7 +63,7 @@ fn to_pyerr(py: Python<'_>, error: Error) -> PyErr {
                 kwargs.set_item("job_id", job_id)?;
                 "Overflow"
             }
-            Error::Callback(_) => "WspoolError",
+            Error::Callback(_) | Error::Forked { .. } => "WspoolError",
             Error::Internal(_) => "InternalError",
         };
         let class = py.import("wspool.exceptions")?.getattr(name)?;
@@ -376,6 +376,12 @@ impl PyStats {
     fn dropped(&self) -> u64 {
         self.snap.dropped
     }
+    /// Jobs whose handler was still running when close(), cancel() or the interpreter's exit
+    /// gave up waiting (after close_timeout); their results are never delivered.
+    #[getter]
+    fn abandoned(&self) -> u64 {
+        self.snap.abandoned
+    }
     /// Successful reconnections (connections after the first).
     #[getter]
     fn reconnects(&self) -> u64 {
@@ -416,6 +422,7 @@ impl PyStats {
         d.set_item("failed", s.failed)?;
         d.set_item("cancelled", s.cancelled)?;
         d.set_item("dropped", s.dropped)?;
+        d.set_item("abandoned", s.abandoned)?;
         d.set_item("reconnects", s.reconnects)?;
         d.set_item("in_flight", s.in_flight)?;
         d.set_item("bytes", s.bytes)?;
@@ -428,13 +435,14 @@ impl PyStats {
     fn __repr__(&self) -> String {
         let s = &self.snap;
         format!(
-            "Stats(received={}, processed={}, failed={}, cancelled={}, dropped={}, in_flight={}, \
-             bytes={}, reconnects={}, elapsed={:.3}, workers={}, threads={})",
+            "Stats(received={}, processed={}, failed={}, cancelled={}, dropped={}, abandoned={}, \
+             in_flight={}, bytes={}, reconnects={}, elapsed={:.3}, workers={}, threads={})",
             s.received,
             s.processed,
             s.failed,
             s.cancelled,
             s.dropped,
+            s.abandoned,
             s.in_flight,
             s.bytes,
             s.reconnects,
@@ -597,15 +605,20 @@ pub struct NativeStream {
 }
 
 impl Drop for NativeStream {
-    /// Dropped without `close()` (garbage collection, `del`): cancel, and wait (GIL released,
-    /// bounded by close_timeout) for the threads, so none is still inside Python when the
-    /// interpreter exits. Not when the last reference goes away on one of the stream's own
-    /// threads (a handler holding it): that thread cannot wait for itself.
+    /// Dropped without `close()` (garbage collection, `del`): cancel (close code 1001), and
+    /// wait (GIL released, bounded by close_timeout) for the threads, so none is still inside
+    /// Python when the interpreter exits; handlers still running then are counted as abandoned.
+    /// Not when the last reference goes away on one of the stream's own threads (a handler
+    /// holding it): that thread cannot wait for itself. In a forked child nothing is waited for
+    /// (the threads are the parent's).
     fn drop(&mut self) {
-        self.inner.cancel();
+        self.inner.cancel_going_away();
         if !crate::stream::on_stream_thread() {
             let (inner, wait) = (&self.inner, self.close_timeout);
-            Python::try_attach(|py| py.detach(|| inner.join(wait)));
+            let joined = Python::try_attach(|py| py.detach(|| inner.join(wait)));
+            if joined == Some(false) {
+                inner.abandon();
+            }
         }
     }
 }
@@ -798,11 +811,17 @@ impl NativeStream {
     }
 
     /// Up to `max` results as a list, waiting for the first; None when the stream is over
-    /// (after raising, once, the error that ended it abnormally).
-    #[pyo3(signature = (max = 1024))]
-    fn next_batch<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Option<Bound<'py, PyList>>> {
+    /// (after raising, once, the error that ended it abnormally); an empty list when `timeout`
+    /// seconds passed without a result (None: no limit).
+    #[pyo3(signature = (max = 1024, timeout = None))]
+    fn next_batch<'py>(
+        &self,
+        py: Python<'py>,
+        max: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<Bound<'py, PyList>>> {
         let inner = &self.inner;
-        let batch = wait_slices(py, None, |slice| match inner.next_batch(max, slice) {
+        let batch = wait_slices(py, timeout, |slice| match inner.next_batch(max, slice) {
             Batch::Pending => None,
             other => Some(other),
         })?;
@@ -815,7 +834,8 @@ impl NativeStream {
                 Ok(Some(PyList::new(py, converted)?))
             }
             Some(Batch::End(Some(e))) => Err(to_pyerr(py, e)),
-            _ => Ok(None),
+            Some(_) => Ok(None),
+            None => Ok(Some(PyList::empty(py))),
         }
     }
 
@@ -824,9 +844,21 @@ impl NativeStream {
         self.inner.close();
     }
 
-    /// Stop reading, send a close frame, drop queued jobs and undelivered results.
-    fn cancel(&self) {
-        self.inner.cancel();
+    /// Stop reading, send a close frame (1000, or 1001 with `going_away`: interrupted or
+    /// exiting), drop queued jobs and undelivered results.
+    #[pyo3(signature = (going_away = false))]
+    fn cancel(&self, going_away: bool) {
+        if going_away {
+            self.inner.cancel_going_away();
+        } else {
+            self.inner.cancel();
+        }
+    }
+
+    /// Stop waiting for the stream after a join timed out: queued jobs count as cancelled and
+    /// running ones as abandoned. Returns how many were abandoned.
+    fn abandon(&self) -> u64 {
+        self.inner.abandon()
     }
 
     /// Waits (GIL released, Ctrl-C honoured) for every native thread to end; True if they did
@@ -865,5 +897,12 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyJobResult>()?;
     m.add_class::<PyStats>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // Cargo features compiled in that tests look for ("test-panic": see stream::test_panic).
+    let features: &[&str] = if cfg!(feature = "test-panic") {
+        &["test-panic"]
+    } else {
+        &[]
+    };
+    m.add("__features__", pyo3::types::PyTuple::new(m.py(), features)?)?;
     Ok(())
 }

@@ -360,6 +360,21 @@ impl JobQueue {
         }
     }
 
+    /// Removes every waiting job (not the running ones) and returns how many there were: when
+    /// the owner gives up on a stream whose workers are stuck, so that those jobs are counted
+    /// as cancelled rather than left in flight.
+    pub fn discard_all(&self) -> u64 {
+        let mut st = self.lock();
+        let n = st.len as u64;
+        st.runnable.clear();
+        st.groups.clear();
+        st.len = 0;
+        drop(st);
+        self.ready.notify_all();
+        self.space.notify_one();
+        n
+    }
+
     /// No more jobs will come: workers end once the waiting ones are taken.
     pub fn close(&self) {
         self.lock().closed = true;

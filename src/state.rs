@@ -2,11 +2,17 @@
 //! the stream ended. Every stage counts what passes through it here, so `stats` needs no second
 //! bookkeeping path.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64, AtomicUsize,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::errors::Error;
+
+/// The flag bit of `Shared::running`: the owner gave up waiting for the running jobs.
+const GAVE_UP: u64 = 1 << 63;
 
 /// Counters and lifecycle flags of one stream.
 #[derive(Debug)]
@@ -16,6 +22,15 @@ pub struct Shared {
     failed: AtomicU64,
     cancelled: AtomicU64,
     dropped: AtomicU64,
+    abandoned: AtomicU64,
+    /// Jobs whose processing has started and not finished, with [`GAVE_UP`] set once the
+    /// owner stopped waiting for them: one word, so that each job is counted exactly once,
+    /// either as processed/failed (it finished first) or as abandoned (the owner gave up first).
+    running: AtomicU64,
+    /// Leaving by interrupt, at interpreter exit or on drop: the close frame says 1001.
+    going_away: AtomicBool,
+    /// A native thread died of a panic that nothing else caught.
+    fatal: AtomicBool,
     reconnects: AtomicU64,
     bytes: AtomicU64,
     threads: AtomicUsize,
@@ -38,9 +53,12 @@ pub struct StatsSnapshot {
     pub cancelled: u64,
     /// Messages dropped by the overflow policy (drop_oldest, drop_newest, conflate).
     pub dropped: u64,
+    /// Jobs whose handler was still running when the owner gave up waiting for it (close,
+    /// cancel or interpreter exit after `close_timeout`); their result is never delivered.
+    pub abandoned: u64,
     /// Successful connections after the first one.
     pub reconnects: u64,
-    /// Received, not yet processed, failed, cancelled or dropped.
+    /// Received, not yet processed, failed, cancelled, dropped or abandoned.
     pub in_flight: u64,
     /// Payload bytes received.
     pub bytes: u64,
@@ -69,6 +87,10 @@ impl Shared {
             failed: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
+            running: AtomicU64::new(0),
+            going_away: AtomicBool::new(false),
+            fatal: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             threads: AtomicUsize::new(0),
@@ -84,7 +106,25 @@ impl Shared {
         self.bytes.fetch_add(bytes as u64, Relaxed);
     }
 
+    /// A worker starts processing a job (decode and handler); [`Shared::on_finished`] follows.
+    pub fn on_started(&self) {
+        if self.running.fetch_add(1, SeqCst) & GAVE_UP != 0 {
+            // Started after the owner gave up: nobody will take its result.
+            self.abandoned.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A job's processing ended (after [`Shared::on_started`]): a value (`ok`) or an error.
+    /// Not counted again when it was counted as abandoned already.
     pub fn on_finished(&self, ok: bool) {
+        let before = self.running.fetch_sub(1, SeqCst);
+        if before & !GAVE_UP == 0 {
+            // Not started through `on_started` (a caller that does not track running jobs):
+            // undo, and count it as finished.
+            self.running.fetch_add(1, SeqCst);
+        } else if before & GAVE_UP != 0 {
+            return;
+        }
         if ok {
             self.processed.fetch_add(1, Relaxed);
         } else {
@@ -98,6 +138,42 @@ impl Shared {
 
     pub fn on_dropped(&self, n: u64) {
         self.dropped.fetch_add(n, Relaxed);
+    }
+
+    /// The owner stops waiting for the jobs still running: each is counted as abandoned, now
+    /// (and those that start later, when they start). Returns how many were running.
+    pub fn abandon(&self) -> u64 {
+        let before = self.running.fetch_or(GAVE_UP, SeqCst);
+        if before & GAVE_UP != 0 {
+            return 0;
+        }
+        let running = before & !GAVE_UP;
+        self.abandoned.fetch_add(running, Relaxed);
+        running
+    }
+
+    /// Whether [`Shared::abandon`] was called.
+    pub fn gave_up(&self) -> bool {
+        self.running.load(SeqCst) & GAVE_UP != 0
+    }
+
+    /// Counts `n` queued jobs dropped unprocessed.
+    pub fn on_cancelled_n(&self, n: u64) {
+        self.cancelled.fetch_add(n, Relaxed);
+    }
+
+    /// The close frame of a cancel says 1001 (going away) instead of 1000.
+    pub fn set_going_away(&self) {
+        self.going_away.store(true, Relaxed);
+    }
+
+    pub fn going_away(&self) -> bool {
+        self.going_away.load(Relaxed)
+    }
+
+    /// True once a native thread died of an uncaught panic (recorded as an internal error).
+    pub fn is_fatal(&self) -> bool {
+        self.fatal.load(Relaxed)
     }
 
     pub fn on_reconnected(&self) {
@@ -136,6 +212,7 @@ impl Shared {
         let failed = self.failed.load(Relaxed);
         let cancelled = self.cancelled.load(Relaxed);
         let dropped = self.dropped.load(Relaxed);
+        let abandoned = self.abandoned.load(Relaxed);
         let received = self.received.load(Relaxed);
         let end = lock(&self.ended).unwrap_or_else(Instant::now);
         StatsSnapshot {
@@ -144,8 +221,10 @@ impl Shared {
             failed,
             cancelled,
             dropped,
+            abandoned,
             reconnects: self.reconnects.load(Relaxed),
-            in_flight: received.saturating_sub(processed + failed + cancelled + dropped),
+            in_flight: received
+                .saturating_sub(processed + failed + cancelled + dropped + abandoned),
             bytes: self.bytes.load(Relaxed),
             threads: self.threads.load(Relaxed),
             elapsed: end.duration_since(self.started).as_secs_f64(),
@@ -163,11 +242,24 @@ impl Shared {
     }
 }
 
-/// Decrements the live-thread count when the thread that holds it ends (even by panic).
+/// Decrements the live-thread count when the thread that holds it ends (even by panic). A
+/// thread that ends by a panic nothing caught (a bug: jobs and the read loop catch theirs)
+/// records an internal error and marks the stream fatal, so that the consumer ends the stream
+/// and raises it instead of waiting on a pool that lost a worker.
 pub struct ThreadGuard(std::sync::Arc<Shared>);
 
 impl Drop for ThreadGuard {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let name = std::thread::current()
+                .name()
+                .unwrap_or("a native thread")
+                .to_string();
+            self.0.set_error(Error::Internal(format!(
+                "{name} died of a panic (its message is on stderr)"
+            )));
+            self.0.fatal.store(true, SeqCst);
+        }
         self.0.threads.fetch_sub(1, Relaxed);
     }
 }
@@ -199,6 +291,52 @@ mod tests {
         assert_eq!((snap.received, snap.processed, snap.failed), (5, 1, 1));
         assert_eq!((snap.cancelled, snap.dropped), (1, 1));
         assert_eq!((snap.in_flight, snap.bytes), (1, 50));
+    }
+
+    #[test]
+    fn each_job_is_finished_or_abandoned_never_both() {
+        let s = Shared::new();
+        for _ in 0..4 {
+            s.on_received(1);
+            s.on_started();
+        }
+        s.on_finished(true);
+        // Two still running when the owner gives up; a fourth starts after it did.
+        s.on_finished(false);
+        assert_eq!(s.abandon(), 2);
+        assert_eq!(s.abandon(), 0);
+        s.on_received(1);
+        s.on_started();
+        let snap = s.snapshot();
+        assert_eq!((snap.processed, snap.failed, snap.abandoned), (1, 1, 3));
+        assert_eq!(snap.in_flight, 0);
+        // Abandoned handlers that return later are not counted again.
+        for _ in 0..3 {
+            s.on_finished(true);
+        }
+        let snap = s.snapshot();
+        assert_eq!((snap.processed, snap.abandoned, snap.in_flight), (1, 3, 0));
+        assert!(s.gave_up());
+    }
+
+    #[test]
+    fn a_thread_that_dies_of_a_panic_is_reported() {
+        let s = Arc::new(Shared::new());
+        let guard = s.thread_guard();
+        let t = std::thread::Builder::new()
+            .name("wspool-worker-9".into())
+            .spawn(move || {
+                let _guard = guard;
+                panic!("test: a worker dies");
+            })
+            .unwrap();
+        assert!(t.join().is_err());
+        assert!(s.is_fatal());
+        assert_eq!(s.threads(), 0);
+        match s.error() {
+            Some(Error::Internal(m)) => assert!(m.contains("wspool-worker-9 died"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

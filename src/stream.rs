@@ -213,7 +213,12 @@ pub struct Stream<O> {
     /// The rest of a batch that `next_batch` could not hand out whole (`max`).
     leftover: Mutex<std::collections::VecDeque<O>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The job queue, to discard what waits there when the owner gives up on stuck workers.
+    queue: Arc<JobQueue>,
     workers: usize,
+    /// The process that started the stream. After `fork()` the child has a copy of this value
+    /// but none of the threads: there it must neither wait for them nor touch their handles.
+    pid: u32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -224,6 +229,8 @@ impl<O: Send + 'static> Stream<O> {
     /// Checks the configuration, then starts the workers and the read-loop thread, which
     /// connects in the background: see [`Stream::wait_connected`].
     pub fn start<P: Processor<Output = O>>(config: Config, processor: P) -> Result<Self, Error> {
+        #[cfg(feature = "test-panic")]
+        let processor = test_panic::Worker(processor);
         ws::prepare_request(&config.url, &config.headers)?;
         config.check()?;
         let workers = config.workers;
@@ -233,8 +240,12 @@ impl<O: Send + 'static> Stream<O> {
                 .with_consumers(config.workers),
         );
         // In batches (one per worker hand-over) of at most min(MAX_BATCH, queue_size) results:
-        // about queue_size results at most (2 × queue_size below MAX_BATCH).
-        let result_batches = config.queue_size.div_ceil(pool::MAX_BATCH).max(2);
+        // about queue_size results for cheap jobs, and room for each worker to hand one over.
+        let result_batches = config
+            .queue_size
+            .div_ceil(pool::MAX_BATCH)
+            .max(config.workers)
+            .max(2);
         let (results_tx, results_rx) = flume::bounded::<Vec<O>>(result_batches);
         let (control, control_rx) = watch::channel(Control::Run);
         let (connected_tx, connected) = flume::bounded(1);
@@ -254,6 +265,7 @@ impl<O: Send + 'static> Stream<O> {
         )?;
         let io_shared = shared.clone();
         let spawn_queue = queue.clone();
+        let stream_queue = queue.clone();
         let guard = shared.thread_guard();
         let io = std::thread::Builder::new()
             .name(format!("{THREAD_PREFIX}io"))
@@ -268,6 +280,11 @@ impl<O: Send + 'static> Stream<O> {
                 if let Err(payload) = ran {
                     let msg = crate::errors::panic_message(payload.as_ref());
                     shared.set_error(Error::Internal(format!("the I/O thread panicked: {msg}")));
+                }
+                // The owner gave up on stuck workers meanwhile: what the read loop queued since
+                // will never run.
+                if shared.gave_up() {
+                    shared.on_cancelled_n(queue.discard_all());
                 }
                 // The end (and its error) is recorded: the workers may finish the queue.
                 queue.close();
@@ -288,7 +305,9 @@ impl<O: Send + 'static> Stream<O> {
             results: Mutex::new(Some(results_rx)),
             leftover: Mutex::new(std::collections::VecDeque::new()),
             threads: Mutex::new(threads),
+            queue: stream_queue,
             workers,
+            pid: std::process::id(),
         })
     }
 
@@ -296,6 +315,9 @@ impl<O: Send + 'static> Stream<O> {
     /// (and stays `Some(Ok)` on later calls). `Some(Err)`: the connection could not be opened.
     pub fn wait_connected(&self, wait: Duration) -> Option<Result<(), Error>> {
         use std::sync::atomic::Ordering::SeqCst;
+        if self.forked() {
+            return Some(Err(self.forked_error()));
+        }
         if self.was_connected.load(SeqCst) {
             return Some(Ok(()));
         }
@@ -322,11 +344,20 @@ impl<O: Send + 'static> Stream<O> {
     /// waiting more.
     pub fn next_batch(&self, max: usize, wait: Duration) -> Batch<O> {
         let max = max.max(1);
+        if self.forked() {
+            return Batch::End(Some(self.forked_error()));
+        }
         let mut leftover = lock(&self.leftover);
         let Some(rx) = lock(&self.results).clone() else {
             leftover.clear();
             return self.end();
         };
+        if self.shared.is_fatal() && !self.shared.is_cancelled() {
+            // A worker died (a bug, recorded as the stream's error): end the stream rather
+            // than wait on a pool that is short of a thread. Results already made still come.
+            self.shared.set_cancelled();
+            self.control.send_replace(Control::Cancel);
+        }
         let mut items = Vec::new();
         if leftover.is_empty() {
             match rx.recv_timeout(wait) {
@@ -353,6 +384,10 @@ impl<O: Send + 'static> Stream<O> {
     }
 
     fn end(&self) -> Batch<O> {
+        if self.shared.is_fatal() {
+            // The job a dead worker was running will never finish.
+            self.shared.abandon();
+        }
         self.shared.mark_ended();
         Batch::End(self.shared.error())
     }
@@ -360,6 +395,9 @@ impl<O: Send + 'static> Stream<O> {
     /// Graceful close: stop reading, send a close frame; queued and running jobs still finish
     /// and their results stay available through `next_batch`. Returns at once.
     pub fn close(&self) {
+        if self.forked() {
+            return;
+        }
         self.control.send_if_modified(|c| {
             let run = *c == Control::Run;
             if run {
@@ -372,6 +410,9 @@ impl<O: Send + 'static> Stream<O> {
     /// Abort: stop reading, send a close frame, drop queued jobs and every result not yet taken.
     /// Running jobs still end (a thread cannot be interrupted). Returns at once.
     pub fn cancel(&self) {
+        if self.forked() {
+            return;
+        }
         self.shared.set_cancelled();
         self.control.send_replace(Control::Cancel);
         lock(&self.results).take();
@@ -379,8 +420,56 @@ impl<O: Send + 'static> Stream<O> {
         self.shared.mark_ended();
     }
 
-    /// Waits up to `wait` for every thread of the stream to end; true when they all have.
+    /// [`Stream::cancel`] for a consumer that is going away (interrupted, exiting, or dropping
+    /// the stream unclosed): the server gets close code 1001 instead of 1000.
+    pub fn cancel_going_away(&self) {
+        self.shared.set_going_away();
+        self.cancel();
+    }
+
+    /// The owner stops waiting for this stream (after [`Stream::close`] or [`Stream::cancel`]
+    /// and a join that timed out): the jobs still queued are counted as cancelled and the ones
+    /// still running as abandoned, so that every received job is accounted for. Their threads
+    /// end when the handlers return. Returns how many jobs were abandoned.
+    pub fn abandon(&self) -> u64 {
+        if self.forked() {
+            return 0;
+        }
+        self.shared.set_cancelled();
+        self.control.send_replace(Control::Cancel);
+        let abandoned = self.shared.abandon();
+        self.shared.on_cancelled_n(self.queue.discard_all());
+        lock(&self.results).take();
+        self.shared.mark_ended();
+        abandoned
+    }
+
+    /// True in a child process forked after the stream started: its threads, its runtime and
+    /// its connection stayed in the parent.
+    pub fn forked(&self) -> bool {
+        std::process::id() != self.pid
+    }
+
+    fn forked_error(&self) -> Error {
+        Error::Forked {
+            pid: self.pid,
+            child: std::process::id(),
+        }
+    }
+
+    /// Forgets the handles of threads that exist only in the parent process (joining or
+    /// detaching them in the child would act on threads of another process).
+    fn forget_threads(&self) {
+        std::mem::forget(std::mem::take(&mut *lock(&self.threads)));
+    }
+
+    /// Waits up to `wait` for every thread of the stream to end; true when they all have (in a
+    /// forked child at once: none of them is there).
     pub fn join(&self, wait: Duration) -> bool {
+        if self.forked() {
+            self.forget_threads();
+            return true;
+        }
         let deadline = Instant::now() + wait;
         loop {
             let mut threads = lock(&self.threads);
@@ -422,6 +511,11 @@ pub fn on_stream_thread() -> bool {
 
 impl<O> Drop for Stream<O> {
     fn drop(&mut self) {
+        if std::process::id() != self.pid {
+            // A forked child's copy: the threads are the parent's; leave their handles alone.
+            std::mem::forget(std::mem::take(&mut *lock(&self.threads)));
+            return;
+        }
         self.shared.set_cancelled();
         self.control.send_replace(Control::Cancel);
     }
@@ -512,6 +606,8 @@ async fn connections(
                     None => reader.shared.on_reconnected(),
                 }
                 emit(Event::Connected { connection });
+                #[cfg(feature = "test-panic")]
+                test_panic::io(&config.url);
                 reader.connection = connection;
                 let ended = reader.run(ws).await;
                 let cause = match ended {
@@ -594,6 +690,55 @@ async fn wait_while_running(control: &mut watch::Receiver<Control>) {
     while *control.borrow_and_update() == Control::Run {
         if control.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// Test-only panic triggers (cargo feature `test-panic`), to check that a panic on a native
+/// thread outside the per-job guard surfaces as an error and ends the stream cleanly. The
+/// feature is compiled into the development build (`make dev`) and into `make test-rust`, never
+/// into a release wheel; even when compiled in, nothing panics unless a test asks:
+/// - the I/O thread panics right after connecting when the URL contains
+///   `wspool_test_panic=io` (a query parameter any server ignores);
+/// - a worker dies (the panic escapes the per-job guard) on a message whose payload is
+///   exactly `wspool_test_panic=worker`.
+///
+/// A feature rather than a separate wheel: building a second extension for one test is too
+/// slow, and a trigger on the URL or the payload needs no global state, so Rust tests running
+/// in parallel and Python tests in one process do not affect each other.
+#[cfg(feature = "test-panic")]
+mod test_panic {
+    use crate::errors::Error;
+    use crate::job::{Data, DecodeError, Job};
+    use crate::pool::Processor;
+
+    const WORKER: &[u8] = b"wspool_test_panic=worker";
+
+    pub(super) fn io(url: &str) {
+        if url.contains("wspool_test_panic=io") {
+            panic!("test-panic: the I/O thread panics on purpose");
+        }
+    }
+
+    /// Wraps the real processor: the trigger panics in `process` (caught by the per-job guard)
+    /// and again in `panicked`, which runs outside it, so the worker thread dies.
+    pub(super) struct Worker<P>(pub P);
+
+    impl<P: Processor> Processor for Worker<P> {
+        type Output = P::Output;
+
+        fn process(&self, job: Job, decoded: Result<Data, DecodeError>) -> (P::Output, bool) {
+            if job.payload.as_ref() == WORKER {
+                panic!("test-panic: a job panics on purpose");
+            }
+            self.0.process(job, decoded)
+        }
+
+        fn panicked(&self, job: Job, error: Error) -> P::Output {
+            if job.payload.as_ref() == WORKER {
+                panic!("test-panic: a worker dies on purpose");
+            }
+            self.0.panicked(job, error)
         }
     }
 }

@@ -200,6 +200,10 @@ fn dropped(reason: &str) -> Error {
     }
 }
 
+/// How long a cancel keeps reading (and discarding) after its close frame, so that the server
+/// gets the frame rather than a reset; short, because Ctrl-C waits for it.
+const CANCEL_LINGER: Duration = Duration::from_millis(100);
+
 /// Why reading stopped.
 enum Stop {
     Asked(Control),
@@ -257,7 +261,17 @@ impl Reader {
                 Ended::Finished
             }
             Stop::Asked(Control::Cancel) => {
-                close(&mut ws, CloseCode::Normal, close_timeout, false).await;
+                // 1001 when the consumer is going away (Ctrl-C, exit, dropped unclosed).
+                let code = if self.shared.going_away() {
+                    CloseCode::Away
+                } else {
+                    CloseCode::Normal
+                };
+                close(&mut ws, code, close_timeout, false).await;
+                // Closing the socket with unread data in it sends a reset, which can make the
+                // server lose our close frame (it does under a flood): read what is still
+                // coming, raw and discarded, for a short while or until the server closes.
+                discard_until_closed(&mut ws, close_timeout.min(CANCEL_LINGER)).await;
                 Ended::Finished
             }
             Stop::ServerClosed(frame) => {

@@ -3,6 +3,7 @@
 from typing import Any, Callable, Optional, Union, final
 
 __version__: str
+__features__: tuple[str, ...]
 
 @final
 class Job:
@@ -64,6 +65,9 @@ class Stats:
     def dropped(self) -> int:
         """Messages dropped by the overflow policy."""
     @property
+    def abandoned(self) -> int:
+        """Jobs whose handler was still running when close(), cancel() or exit gave up."""
+    @property
     def reconnects(self) -> int:
         """Successful reconnections (connections after the first)."""
     @property
@@ -117,12 +121,18 @@ class NativeStream:
     ) -> NativeStream: ...
     def wait_connected(self) -> None:
         """Blocks until the handshake is done; raises ConnectError, HandshakeError or Timeout."""
-    def next_batch(self, max: int = 1024) -> Optional[list[Result]]:
-        """Up to ``max`` results, waiting for the first; None when the stream is over."""
+    def next_batch(
+        self, max: int = 1024, timeout: Optional[float] = None
+    ) -> Optional[list[Result]]:
+        """Up to ``max`` results, waiting for the first; None when the stream is over; an
+        empty list when ``timeout`` seconds passed without one."""
     def close(self) -> None:
         """Stop reading and send a close frame; queued jobs still finish."""
-    def cancel(self) -> None:
-        """Stop reading, send a close frame, drop queued jobs and undelivered results."""
+    def cancel(self, going_away: bool = False) -> None:
+        """Stop reading, send a close frame (1001 with ``going_away``), drop queued jobs and
+        undelivered results."""
+    def abandon(self) -> int:
+        """Stop waiting: queued jobs count as cancelled, running ones as abandoned."""
     def join(self, timeout: Optional[float] = None) -> bool:
         """Waits for every native thread to end; True if they did within ``timeout``."""
     @property

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -219,33 +220,78 @@ def _header_pairs(headers: Headers) -> list[tuple[str, str]]:
 
 # Streams whose threads may still run. At interpreter exit they are cancelled and their threads
 # joined before finalization starts: a native worker returning from a Python handler while the
-# interpreter finalizes would abort the process, so the exit waits for running handlers.
+# interpreter finalizes would abort the process, so the exit waits for running handlers, up to
+# close_timeout; handlers still running then are abandoned and the process leaves without
+# finalizing (os._exit), so that it neither hangs nor crashes.
 _live: weakref.WeakSet[Stream] = weakref.WeakSet()
+
+
+def _flush_std() -> None:
+    for out in (sys.stdout, sys.stderr):
+        try:
+            out.flush()
+        except Exception:
+            pass
+
+
+def _exit_status() -> int:
+    """The status the interpreter would most likely have exited with: 1 after an uncaught
+    exception (130 for KeyboardInterrupt), else 0. (A ``sys.exit(n)`` code is not visible to
+    exit hooks.)"""
+    last = getattr(sys, "last_value", None)
+    if isinstance(last, KeyboardInterrupt):
+        return 130
+    return 0 if last is None else 1
 
 
 @atexit.register
 def _cancel_live_streams() -> None:
     streams = list(_live)
     for stream in streams:
-        stream._native.cancel()
+        stream._native.cancel(going_away=True)
+    deadline = time.monotonic() + max((s._close_timeout for s in streams), default=0.0)
     try:
-        for stream in streams:
-            if stream._native.join(stream._close_timeout):
-                continue
-            print(
-                "wspool: waiting at exit for handlers that are still running (Ctrl-C to quit now)",
-                file=sys.stderr,
-                flush=True,
-            )
-            stream._native.join(None)
+        stuck = [s for s in streams if not s._native.join(max(0.0, deadline - time.monotonic()))]
     except KeyboardInterrupt:
         # Finalizing now would crash when those handlers return: leave without it.
-        for out in (sys.stdout, sys.stderr):
-            try:
-                out.flush()
-            except Exception:
-                pass
+        _flush_std()
         os._exit(130)
+    if not stuck:
+        return
+    for stream in stuck:
+        stream._native.abandon()
+    running = sum(s._native.stats.threads for s in stuck)
+    print(
+        f"wspool: {running} native thread(s) still inside a handler at exit after close_timeout; "
+        "abandoning them and exiting without finalizing the interpreter",
+        file=sys.stderr,
+    )
+    _flush_std()
+    os._exit(_exit_status())
+
+
+def _after_fork_in_child() -> None:
+    """In a child made by ``os.fork()``: the parent's streams have no threads, runtime or
+    connection here. Forget them at exit, and give each a fresh lock (a parent thread may have
+    held it at the fork); using one raises WspoolError, closing or cancelling it does nothing.
+    Results it had buffered stay the parent's (handing them out here too would process them
+    twice). New streams work normally."""
+    for stream in list(_live):
+        stream._lock = threading.RLock()
+        stream._buffer.clear()
+        stream._undelivered.clear()
+        stream._executor = None
+        stream._pending = None
+        stream._async_handlers = None
+    _live.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Stalled(Exception):
+    """No result arrived for close_timeout while a close was draining the stream."""
 
 
 class Stream:
@@ -382,9 +428,10 @@ class Stream:
             error.__cause__ = resume_error
         return error
 
-    def _fill(self) -> bool:
+    def _fill(self, stall_timeout: Optional[float] = None) -> bool:
         """Moves one batch from the native side into the buffer and passes each result to
-        ``on_result``. False once the stream is over."""
+        ``on_result``. False once the stream is over. Raises _Stalled when ``stall_timeout``
+        seconds pass without a result."""
         with self._lock:
             self._deliver()
             if self._finished:
@@ -394,10 +441,12 @@ class Stream:
                 return False
             self._ensure_connected()
             try:
-                batch = self._native.next_batch(self._batch_size)
+                batch = self._native.next_batch(self._batch_size, stall_timeout)
             except WspoolError as error:
                 self._finish(error)
                 return False
+            if batch == []:
+                raise _Stalled
             return self._take(batch)
 
     def _take(self, batch: Optional[list[Result]]) -> bool:
@@ -435,10 +484,12 @@ class Stream:
         self._error = None if error is None else self._chain(error)
 
     def _join(self, timeout: float) -> None:
-        # Threads still inside a handler after `timeout` end when it returns; the exit hook
-        # waits for them.
+        # Threads still inside a handler after `timeout` end when it returns; their jobs are
+        # counted as abandoned, and the exit hook waits (bounded) for them.
         if self._native.join(timeout):
             self._on_joined()
+        else:
+            self._native.abandon()
 
     def _on_joined(self) -> None:
         """Every native thread has ended: forget the stream at exit, end the helper threads."""
@@ -475,7 +526,7 @@ class Stream:
             )
         return self._executor.submit(fn)
 
-    async def _afill(self) -> bool:
+    async def _afill(self, stall_timeout: Optional[float] = None) -> bool:
         """The async `_fill`: a helper thread waits for the batch (GIL released) and the event
         loop is woken through its thread-safe call when it is there; the loop never blocks."""
         self._deliver()
@@ -484,7 +535,9 @@ class Stream:
                 await self._ajoin(self._close_timeout)
             return False
         if self._pending is None:
-            self._pending = self._run_in_thread(lambda: self._native.next_batch(self._batch_size))
+            self._pending = self._run_in_thread(
+                lambda: self._native.next_batch(self._batch_size, stall_timeout)
+            )
         pending = self._pending
         try:
             batch = await asyncio.wrap_future(pending)
@@ -494,6 +547,8 @@ class Stream:
             return False
         # Only now: if the await was cancelled, the batch stays in `pending` for the next call.
         self._pending = None
+        if batch == []:
+            raise _Stalled
         if batch is None:
             await self._afinish(None)
             return False
@@ -507,6 +562,8 @@ class Stream:
         joined = await asyncio.wrap_future(self._run_in_thread(lambda: self._native.join(timeout)))
         if joined:
             self._on_joined()
+        else:
+            self._native.abandon()
 
     async def __aenter__(self) -> Stream:
         if not self._connected:
@@ -529,7 +586,7 @@ class Stream:
             await self.aclose()
         else:
             # Cancelled or interrupted: do not wait for running handlers more than a moment.
-            self._drop()
+            self._drop(going_away=True)
             await self._ajoin(min(self._close_timeout, _INTERRUPT_WAIT))
 
     async def aclose(self) -> None:
@@ -540,8 +597,12 @@ class Stream:
         if self._delivering or _native.on_stream_thread():
             return
         try:
-            while await self._afill():
+            while await self._afill(self._close_timeout):
                 pass
+        except _Stalled:
+            # No result for close_timeout (a handler hangs): give up, as close() does.
+            self._drop()
+            await self._ajoin(0.0)
         except BaseException:
             # on_result raised, or the task was cancelled during the drain: end abruptly, as
             # close() does.
@@ -559,6 +620,10 @@ class Stream:
         only asks for the close and returns; the iteration in progress delivers the rest. An
         error that ended the connection is not raised here; the iterator raises it after the
         buffered results.
+
+        The drain goes on while results keep coming; once ``close_timeout`` seconds pass without
+        any (a handler that hangs), it gives up: jobs still queued are counted in
+        ``stats.cancelled`` and the ones still running in ``stats.abandoned``.
         """
         self._native.close()
         if self._delivering or _native.on_stream_thread():
@@ -566,11 +631,16 @@ class Stream:
         if not self._lock.acquire(blocking=False):
             return
         try:
-            while self._fill():
+            while self._fill(self._close_timeout):
                 pass
-        except BaseException:
+        except _Stalled:
+            self._abort(0.0)
+        except BaseException as exc:
             # on_result raised, or Ctrl-C during the drain: the stream still ends, abruptly.
-            self._abort(self._close_timeout)
+            if isinstance(exc, Exception):
+                self._abort(self._close_timeout)
+            else:
+                self._abort(min(self._close_timeout, _INTERRUPT_WAIT), going_away=True)
             raise
         finally:
             self._lock.release()
@@ -585,13 +655,15 @@ class Stream:
             return
         self._abort(self._close_timeout)
 
-    def _abort(self, wait: float) -> None:
-        self._drop()
+    def _abort(self, wait: float, going_away: bool = False) -> None:
+        self._drop(going_away)
         self._join(wait)
 
-    def _drop(self) -> None:
-        """Cancels natively and forgets every result not yet delivered; the stream is over."""
-        self._native.cancel()
+    def _drop(self, going_away: bool = False) -> None:
+        """Cancels natively and forgets every result not yet delivered; the stream is over.
+        ``going_away``: the server gets close code 1001 (interrupted, exiting) instead of
+        1000."""
+        self._native.cancel(going_away=going_away)
         self._pending = None
         self._buffer.clear()
         self._undelivered.clear()
@@ -611,15 +683,16 @@ class Stream:
             self.close()
         else:
             # Ctrl-C (or SystemExit) must not wait for a slow handler: give running jobs a
-            # moment, then leave; those still running end in the background.
-            self._abort(min(self._close_timeout, _INTERRUPT_WAIT))
+            # moment, then leave; those still running end in the background (abandoned). The
+            # server gets close code 1001 (going away).
+            self._abort(min(self._close_timeout, _INTERRUPT_WAIT), going_away=True)
 
     # -- state -------------------------------------------------------------------------------
 
     @property
     def stats(self) -> Stats:
-        """A snapshot of the counters: received, processed, failed, cancelled, in_flight, bytes,
-        elapsed, workers, threads."""
+        """A snapshot of the counters: received, processed, failed, cancelled, dropped,
+        abandoned, in_flight, bytes, elapsed, workers, threads."""
         return self._native.stats
 
     @property
