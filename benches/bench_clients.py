@@ -387,6 +387,40 @@ def run_wspool(job: Job, workers: Optional[int] = None) -> dict[str, Any]:
     return result
 
 
+def run_wspool_native(job: Job) -> dict[str, Any]:
+    """``cpu`` with wspool's native processor: ``Select`` decodes each message and picks
+    ``seq``, ``v`` and ``pad`` on the workers without the GIL; Python does the arithmetic."""
+    import wspool
+
+    done = Completion(job.count)
+    seen = done.seen
+    total = 0
+    with wspool.consume(
+        _with_count(job.url, job.count),
+        wspool.Select("seq", "v", "pad"),
+        decode="bytes",
+        timeout=job.deadline,
+    ) as stream:
+        for batch in stream.batches():
+            for result in batch:
+                seq, v, pad = result.value
+                if seq != result.job.id or seen[seq]:
+                    raise CheckError(f"job {result.job.id}: got seq {seq}")
+                seen[seq] = 1
+                total += seq % 7 * v + len(pad)
+    if stream.error is not None:
+        raise stream.error
+    if stream.stats.failed:
+        raise CheckError(f"{stream.stats.failed} jobs failed")
+    done.done = job.count - seen.count(0)
+    done.check()
+    return {
+        "count": done.done,
+        "checksum": total,
+        "note": f"workers={stream.stats.workers}, native Select, arithmetic in Python",
+    }
+
+
 # -- peers ----------------------------------------------------------------------------------------
 
 
@@ -688,8 +722,7 @@ CLIENTS: dict[str, Client] = {
         ("ref", "count", "json", "large", "cpu", "latency"),
         kind="wspool",
     ),
-    # A native-processor variant will be one more entry, e.g.
-    # "wspool-native": Client(run_wspool_native, ("wspool",), ("cpu",), kind="wspool").
+    "wspool-native": Client(run_wspool_native, ("wspool",), ("cpu",), kind="wspool"),
     "picows": Client(_async("picows"), ("picows",)),
     "aiohttp": Client(_async("aiohttp"), ("aiohttp",)),
     "websockets": Client(_async("websockets"), ("websockets.asyncio.client",)),

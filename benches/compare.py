@@ -48,6 +48,7 @@ CLIENT_SCRIPT = os.path.join(HERE, "bench_clients.py")
 DEFAULT_CLIENTS = (
     "wspool",
     "wspool-w1",
+    "wspool-native",
     "picows",
     "aiohttp",
     "websockets",
@@ -285,7 +286,9 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
 def table(outcome: Outcome) -> str:
     """The markdown table of one scenario."""
     scenario = outcome.scenario
-    wspool_runs = outcome.runs.get("wspool") or []
+    # The wspool variant the ratios are taken from: the native processor where it takes part.
+    lead = "wspool-native" if outcome.runs.get("wspool-native") else "wspool"
+    wspool_runs = outcome.runs.get(lead) or []
     wspool_rate = _median(wspool_runs, "rate") if wspool_runs else None
     raw_runs = outcome.runs.get("raw") or []
     header = ["client", "N", "msgs/s (median)", "min-max", "CPU s", "peak RSS MiB"]
@@ -300,7 +303,7 @@ def table(outcome: Outcome) -> str:
         header.append("issue's reference")
     ratio = scenario.name != "latency"  # at a fixed rate, msgs/s ratios say nothing
     if ratio:
-        header.append("wspool / client")
+        header.append(f"{lead} / client")
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for client, runs in outcome.runs.items():
         failures = outcome.failures[client]
@@ -332,7 +335,7 @@ def table(outcome: Outcome) -> str:
             cells.append(_rate(ref) if ref else "-")
         if not ratio:
             pass
-        elif wspool_rate is None or client == "wspool":
+        elif wspool_rate is None or client == lead:
             cells.append("-")
         else:
             cells.append(f"{wspool_rate / rate:.2f}")

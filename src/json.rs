@@ -115,6 +115,14 @@ impl Json {
             .try_fold(0, |node, name| self.field(node, name))
     }
 
+    /// The node index of each path (`None`: absent, or not reached through objects).
+    pub fn select(&self, paths: &[Vec<String>]) -> Vec<Option<usize>> {
+        paths
+            .iter()
+            .map(|p| self.path(p.iter().map(String::as_str)))
+            .collect()
+    }
+
     /// The node at `index` as a `serde_json::Value` (for tests and native processors).
     pub fn value_at(&self, index: usize) -> serde_json::Value {
         use serde_json::Value;
@@ -299,6 +307,12 @@ mod tests {
         assert_eq!(doc.path(["missing"]), None);
         assert_eq!(doc.path(["seq", "x"]), None, "not an object");
         assert_eq!(doc.skip(0), doc.nodes().len());
+        let paths = [
+            vec!["seq".to_string()],
+            vec!["px".into(), "bid".into()],
+            vec!["no".into()],
+        ];
+        assert_eq!(doc.select(&paths), vec![Some(seq), Some(bid), None]);
     }
 
     #[test]

@@ -22,6 +22,12 @@ pub trait Processor: Send + Sync + 'static {
     /// result, and says whether that result is a success.
     fn process(&self, job: Job, decoded: Result<Data, DecodeError>) -> (Self::Output, bool);
 
+    /// Runs `work`, a worker thread's whole loop. An implementation may set up once per thread
+    /// what its jobs need (the Python layer keeps the thread's interpreter state alive here).
+    fn worker(&self, work: &mut (dyn FnMut() + Send)) {
+        work();
+    }
+
     /// Runs `work`, which processes one batch of jobs one by one. An implementation may set up
     /// once per batch what every job needs (the Python layer takes the GIL here).
     fn batch(&self, work: &mut dyn FnMut()) {
@@ -76,7 +82,7 @@ pub fn spawn<P: Processor>(
                         reorder,
                         shared: &shared,
                     };
-                    work(&*processor, mode, &queue, &outlet, &shared);
+                    processor.worker(&mut || work(&*processor, mode, &queue, &outlet, &shared));
                 })
                 .map_err(|e| Error::Internal(format!("cannot start a worker thread: {e}")))
         })
@@ -122,11 +128,13 @@ fn work<P: Processor>(
     let mut per_job_ns = BATCH_BUDGET.as_nanos() as u64;
     let mut max = 1;
     while queue.pop_many(max, &mut popped) {
-        let started = std::time::Instant::now();
         let n = popped.len() as u64;
         let mut outputs = Vec::with_capacity(popped.len());
         let mut keys = Vec::new();
+        let mut took = Duration::ZERO;
         processor.batch(&mut || {
+            // Timed inside the batch: what the batch set up (the GIL) is not the jobs' cost.
+            let started = std::time::Instant::now();
             for Popped { job, slot, key } in popped.drain(..) {
                 let output = if consumer_gone || shared.is_cancelled() {
                     shared.on_cancelled();
@@ -137,8 +145,9 @@ fn work<P: Processor>(
                 outputs.push((slot, output));
                 keys.extend(key);
             }
+            took = started.elapsed();
         });
-        let took = started.elapsed().as_nanos() as u64 / n;
+        let took = took.as_nanos() as u64 / n;
         per_job_ns = (per_job_ns * 3 + took) / 4;
         max = (BATCH_BUDGET.as_nanos() as u64 / per_job_ns.max(1)).clamp(1, MAX_BATCH as u64)
             as usize;

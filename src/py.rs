@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use crate::errors::Error;
 use bytes::Bytes;
@@ -457,12 +457,25 @@ impl PyStats {
 /// worker, which holds the GIL only for that), or native data converted later in batches.
 enum Out {
     Native(Job, Result<Data, DecodeError>),
+    /// A `Select` processor's picks: node indexes into the decoded JSON (or into `own`, the
+    /// processor's own parse when `decode=` was not "json").
+    Selected(Job, Data, Option<Json>, Vec<Option<usize>>),
     Done(Py<PyJobResult>),
     Panicked(Job, Error),
 }
 
+/// What the workers run on each job.
+enum Mode {
+    /// No handler: the result's value is the decoded payload.
+    Decode,
+    /// A Python callable, called with the GIL held (taken once per batch).
+    Python(Py<PyAny>),
+    /// A `wspool.Select`: fields picked from the JSON natively, without the GIL.
+    Select(Arc<Vec<Vec<String>>>),
+}
+
 struct PyProcessor {
-    handler: Option<Py<PyAny>>,
+    mode: Mode,
     keys: Arc<KeyCache>,
 }
 
@@ -525,9 +538,13 @@ impl Processor for PyProcessor {
     type Output = Out;
 
     fn process(&self, job: Job, decoded: Result<Data, DecodeError>) -> (Out, bool) {
-        let Some(handler) = &self.handler else {
-            let ok = decoded.is_ok();
-            return (Out::Native(job, decoded), ok);
+        let handler = match &self.mode {
+            Mode::Python(handler) => handler,
+            Mode::Decode => {
+                let ok = decoded.is_ok();
+                return (Out::Native(job, decoded), ok);
+            }
+            Mode::Select(paths) => return select(job, decoded, paths),
         };
         // Cheap (the payload is shared): kept to describe the job if its result cannot be made.
         let copy = job.clone();
@@ -549,10 +566,23 @@ impl Processor for PyProcessor {
         (Out::Panicked(copy, Error::Internal(error)), false)
     }
 
+    fn worker(&self, work: &mut (dyn FnMut() + Send)) {
+        // A thread unknown to Python gets a new interpreter thread state each time it takes
+        // the GIL, freed when it lets go (with its frame stack, mapped and unmapped): that was
+        // most of a handler call's cost. Keep one for the worker's life, GIL released, so each
+        // batch only takes the GIL. The stream's threads end before the interpreter finalizes
+        // (the exit hook waits for them), so taking it back at the end is safe.
+        if !matches!(self.mode, Mode::Python(_))
+            || Python::try_attach(|py| py.detach(|| work())).is_none()
+        {
+            work();
+        }
+    }
+
     fn batch(&self, work: &mut dyn FnMut()) {
         // One GIL acquisition per batch of handler calls, not one per job: each acquisition
         // may wait for the thread that holds it (up to the interpreter's switch interval).
-        if self.handler.is_none() || Python::try_attach(|_| work()).is_none() {
+        if !matches!(self.mode, Mode::Python(_)) || Python::try_attach(|_| work()).is_none() {
             work();
         }
     }
@@ -562,8 +592,64 @@ impl Processor for PyProcessor {
     }
 }
 
+/// Runs a `Select` on a job, natively.
+fn select(job: Job, decoded: Result<Data, DecodeError>, paths: &[Vec<String>]) -> (Out, bool) {
+    match decoded {
+        Ok(Data::Json(doc)) => {
+            let picks = doc.select(paths);
+            (Out::Selected(job, Data::Json(doc), None, picks), true)
+        }
+        Ok(other) => match Json::parse(&job.payload) {
+            Ok(doc) => {
+                let picks = doc.select(paths);
+                (Out::Selected(job, other, Some(doc), picks), true)
+            }
+            Err(e) => {
+                let e = DecodeError {
+                    message: format!("payload is not valid JSON: {e}"),
+                };
+                (Out::Native(job, Err(e)), false)
+            }
+        },
+        Err(e) => (Out::Native(job, Err(e)), false),
+    }
+}
+
+/// The value of a `Select` result: the one field, or a tuple of them (None where absent).
+fn picked(
+    py: Python<'_>,
+    doc: &Json,
+    picks: &[Option<usize>],
+    keys: &KeyCache,
+) -> PyResult<Py<PyAny>> {
+    let mut keys = keys.lock();
+    let mut one = |pick: &Option<usize>| match *pick {
+        Some(mut at) => json_node(py, doc, &mut at, &mut keys),
+        None => Ok(py.None().into_bound(py)),
+    };
+    Ok(match picks {
+        [single] => one(single)?.unbind(),
+        many => PyTuple::new(py, many.iter().map(one).collect::<PyResult<Vec<_>>>()?)?
+            .into_any()
+            .unbind(),
+    })
+}
+
 fn out_to_py(py: Python<'_>, keys: &Arc<KeyCache>, out: Out) -> PyResult<Py<PyJobResult>> {
     match out {
+        Out::Selected(job, data, own, picks) => {
+            let value = match (&own, &data) {
+                (Some(doc), _) | (None, Data::Json(doc)) => picked(py, doc, &picks, keys)?,
+                (None, _) => py.None(),
+            };
+            let result = PyJobResult {
+                native: Native::new(job, Some(data), keys),
+                job: OnceLock::new(),
+                value: Some(value),
+                error: None,
+            };
+            Py::new(py, result)
+        }
         Out::Done(r) => Ok(r),
         Out::Native(job, decoded) => Ok(finish(py, None, keys, job, decoded)?.0),
         Out::Panicked(job, error) => internal_result(py, keys, job, error),
@@ -593,6 +679,83 @@ where
         if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
             return Ok(None);
         }
+    }
+}
+
+/// A native processor: pass it as the handler to pick fields out of each JSON message on the
+/// worker threads, without the GIL. `Select("sym", "px.bid")` makes each result's value the
+/// tuple `(msg["sym"], msg["px"]["bid"])`; with one field the value is that field alone. A
+/// field that is absent (or not reached through objects) gives None; a payload that is not JSON
+/// gives a `DecodeError`. Works whatever `decode=` is (`job.data` follows `decode=`). Calling
+/// it on a `Job` does the same in Python.
+#[pyclass(frozen, module = "wspool", name = "Select")]
+pub struct PySelect {
+    fields: Vec<String>,
+    paths: Arc<Vec<Vec<String>>>,
+}
+
+#[pymethods]
+impl PySelect {
+    #[new]
+    #[pyo3(signature = (*fields))]
+    fn new(fields: Vec<String>) -> PyResult<Self> {
+        if fields.is_empty() {
+            return Err(PyValueError::new_err("Select needs at least one field"));
+        }
+        let paths = fields
+            .iter()
+            .map(|f| {
+                let path: Vec<String> = f.split('.').map(str::to_owned).collect();
+                if path.iter().any(String::is_empty) {
+                    Err(PyValueError::new_err(format!(
+                        "invalid field {f:?}: use names joined by dots, like \"px.bid\""
+                    )))
+                } else {
+                    Ok(path)
+                }
+            })
+            .collect::<PyResult<_>>()?;
+        Ok(PySelect {
+            fields,
+            paths: Arc::new(paths),
+        })
+    }
+
+    /// The fields, as given.
+    #[getter]
+    fn fields(&self) -> Vec<String> {
+        self.fields.clone()
+    }
+
+    /// The same selection in Python, on `job.data` (a dict, as `decode="json"` gives).
+    fn __call__(&self, py: Python<'_>, job: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let data = job.getattr("data")?;
+        let pick = |path: &Vec<String>| -> PyResult<Bound<'_, PyAny>> {
+            let mut at = data.clone();
+            for name in path {
+                match at
+                    .cast::<PyDict>()
+                    .ok()
+                    .map(|d| d.get_item(name))
+                    .transpose()?
+                {
+                    Some(Some(v)) => at = v,
+                    _ => return Ok(py.None().into_bound(py)),
+                }
+            }
+            Ok(at)
+        };
+        Ok(match self.paths.as_slice() {
+            [single] => pick(single)?.unbind(),
+            many => PyTuple::new(py, many.iter().map(pick).collect::<PyResult<Vec<_>>>()?)?
+                .into_any()
+                .unbind(),
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        let fields: Vec<String> = self.fields.iter().map(|f| format!("{f:?}")).collect();
+        format!("Select({})", fields.join(", "))
     }
 }
 
@@ -789,8 +952,15 @@ impl NativeStream {
         config.on_event = on_event.map(event_hook);
         let close_timeout = config.close_timeout;
         let keys = Arc::new(KeyCache::default());
+        let mode = match handler {
+            None => Mode::Decode,
+            Some(h) => match h.bind(py).cast::<PySelect>() {
+                Ok(select) => Mode::Select(select.get().paths.clone()),
+                Err(_) => Mode::Python(h),
+            },
+        };
         let processor = PyProcessor {
-            handler,
+            mode,
             keys: keys.clone(),
         };
         let inner = Stream::start(config, processor).map_err(|e| to_pyerr(py, e))?;
@@ -895,6 +1065,7 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(on_stream_thread, m)?)?;
     m.add_class::<PyJob>()?;
     m.add_class::<PyJobResult>()?;
+    m.add_class::<PySelect>()?;
     m.add_class::<PyStats>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     // Cargo features compiled in that tests look for ("test-panic": see stream::test_panic).

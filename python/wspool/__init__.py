@@ -7,7 +7,7 @@ come back to Python in batches. See :func:`consume` and :func:`run`.
 
 from __future__ import annotations
 
-from ._native import Job, Result, Stats, __version__
+from ._native import Job, Result, Select, Stats, __version__
 from ._stream import Event, Reconnect, Stream, consume, run
 from .exceptions import (
     ConnectError,
@@ -35,6 +35,7 @@ __all__ = [
     "ProtocolError",
     "Reconnect",
     "Result",
+    "Select",
     "Stats",
     "Stream",
     "Timeout",

@@ -88,6 +88,20 @@ class Stats:
     def as_dict(self) -> dict[str, Union[int, float]]:
         """The counters as a dict."""
 
+@final
+class Select:
+    """A native processor: pass it as the handler to pick fields out of each JSON message on
+    the worker threads, without the GIL. ``Select("sym", "px.bid")`` makes each result's value
+    ``(msg["sym"], msg["px"]["bid"])``; with one field, the value is that field alone. An absent
+    field gives None; a payload that is not JSON gives a ``DecodeError``."""
+
+    def __new__(cls, *fields: str) -> Select: ...
+    @property
+    def fields(self) -> list[str]:
+        """The fields, as given."""
+    def __call__(self, job: Job) -> Any:
+        """The same selection in Python, on ``job.data``."""
+
 def on_stream_thread() -> bool:
     """True when called on one of a stream's native threads (a worker running a handler)."""
 
