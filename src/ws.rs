@@ -517,6 +517,11 @@ impl Reader {
             r.open(self.connection);
         }
         let stop = self.read(&mut ws).await;
+        if matches!(stop, Stop::Violated(..)) {
+            // The messages before the violation are processed anyway: their replies go out
+            // before the connection is failed, so a peer sees every answer it was owed.
+            self.flush_owed_replies(&mut ws).await;
+        }
         if let Some(r) = &self.replies {
             r.close();
         }
@@ -725,6 +730,31 @@ impl Reader {
                         return Err(stop);
                     }
                 }
+            }
+        }
+    }
+
+    /// With replies: waits (up to `close_timeout`) for the jobs received so far to finish,
+    /// sending their replies.
+    async fn flush_owed_replies(&mut self, ws: &mut WsStream) {
+        if self.replies.is_none() {
+            return;
+        }
+        let until = tokio::time::Instant::now() + self.close_timeout;
+        loop {
+            let done = self.shared.snapshot().in_flight == 0;
+            if self.send_replies(ws, None).await.is_err() || done {
+                return;
+            }
+            tokio::select! {
+                biased;
+                Some(reply) = next_reply(self.replies.as_ref()) => {
+                    if self.send_replies(ws, Some(reply)).await.is_err() {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+                _ = tokio::time::sleep_until(until) => return,
             }
         }
     }
