@@ -151,8 +151,9 @@ def main() -> int:
         return 0
     results, took = run_suite()
     counts = collections.Counter(r["behavior"] for r in results.values())
+    excluded = ", ".join(EXCLUDED) or "none"
     print(
-        f"Autobahn|Testsuite: {len(results)} cases in {took:.0f} s (excluded: {EXCLUDED or 'none'}): "
+        f"Autobahn|Testsuite: {len(results)} cases in {took:.0f} s (excluded: {excluded}): "
         + ", ".join(f"{n} {b}" for b, n in sorted(counts.items()))
     )
     for case, r in results.items():
