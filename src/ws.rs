@@ -888,6 +888,51 @@ mod tests {
     }
 
     #[test]
+    fn violations_name_the_cause_and_the_close_code() {
+        let v = |e: WsError| violation(&e).expect("a violation");
+        assert_eq!(v(WsError::Utf8("bad".into())).0, 1007);
+        let (code, what) = v(WsError::Protocol(ProtocolError::NonZeroReservedBits));
+        assert_eq!((code, what.contains("RSV")), (1002, true));
+        let (_, what) = v(WsError::Protocol(ProtocolError::InvalidOpcode(0xb)));
+        assert_eq!(what, "reserved control opcode 0xb");
+        let (_, what) = v(WsError::Protocol(ProtocolError::InvalidOpcode(0x3)));
+        assert_eq!(what, "reserved data opcode 0x3");
+        // A drop is not a violation: it is reported as code 1006, without a close frame.
+        assert!(violation(&WsError::ConnectionClosed).is_none());
+        assert!(matches!(
+            read_error(WsError::Protocol(ProtocolError::FragmentedControlFrame)),
+            Error::Protocol(m) if m == "a control frame is fragmented; closed with 1002"
+        ));
+    }
+
+    #[test]
+    fn replies_for_an_ended_connection_are_dropped_and_counted() {
+        let r = Replies::new(2);
+        // No connection open: refused at once, never blocking the worker.
+        assert!(!r.send(0, Outgoing::Text("a".into())));
+        r.open(1);
+        assert!(r.send(1, Outgoing::Text("b".into())));
+        assert!(!r.send(0, Outgoing::Text("old".into())));
+        // Reconnected: what waited for connection 1 is dropped, not sent on connection 2.
+        r.open(2);
+        assert_eq!(r.rx.len(), 0);
+        assert!(r.send(2, Outgoing::Binary(vec![1])));
+        r.close();
+        assert_eq!((r.sent(), r.dropped()), (0, 4));
+    }
+
+    #[test]
+    fn a_missing_or_empty_ca_bundle_is_an_invalid_argument() {
+        let missing = TlsOptions {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+        };
+        assert!(
+            matches!(tls_config(&missing), Err(Error::InvalidArgument(m)) if m.contains("cannot read"))
+        );
+        assert!(tls_config(&TlsOptions::default()).is_ok());
+    }
+
+    #[test]
     fn adds_headers_and_rejects_bad_ones() {
         let ok = prepare_request("ws://h:1/p?q=1", &[("X-Token".into(), "abc".into())]).unwrap();
         assert_eq!(ok.headers()["x-token"], "abc");
