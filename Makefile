@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo dev lint test test-rust test-python test-abi3 bench clean
+.PHONY: install demo dev lint test test-rust test-python test-abi3 autobahn-deps autobahn bench clean
 
 install:  ## build (release) and install wspool
 	$(PIP) install .
@@ -24,7 +24,7 @@ lint: dev
 	$(PYTHON) -m mypy
 	$(PYTHON) -m mypy.stubtest wspool._native --ignore-missing-stub
 
-test: dev test-rust test-python  ## install, then run the Rust and the Python tests
+test: dev autobahn-deps test-rust test-python  ## install, then run the Rust and the Python tests
 
 test-rust:
 	cargo test --features test-panic
@@ -40,8 +40,20 @@ test-abi3:
 	rm -rf dist build/py39
 	$(PYTHON) -m maturin build --release --out dist
 	$(OLDEST_PYTHON) -m venv build/py39
-	build/py39/bin/python -m pip install -q dist/*.whl pytest pytest-timeout
+	build/py39/bin/python -m pip install -q dist/*.whl pytest pytest-timeout cryptography
 	PATH="$(CURDIR)/build/py39/bin:$$PATH" build/py39/bin/python -m pytest -p no:cacheprovider
+
+# Autobahn|Testsuite (tests/test_conformance.py) runs on Python 2.7: pyenv's, or python2.7 on
+# PATH. Its packages come from PyPI into build/autobahn; without Python 2.7 the test is skipped.
+PYTHON2 ?= $(or $(lastword $(wildcard $(HOME)/.pyenv/versions/2.7*/bin/python2.7)),$(shell command -v python2.7 2>/dev/null))
+autobahn-deps:
+	@if [ -z "$(PYTHON2)" ]; then echo "autobahn-deps: no Python 2.7 found, the conformance test will be skipped"; exit 0; fi; \
+	if [ -f build/autobahn/autobahntestsuite/wstest.py ]; then exit 0; fi; \
+	rm -rf build/autobahn.tmp; $(PYTHON2) -m pip install -q --disable-pip-version-check --target build/autobahn.tmp autobahntestsuite \
+	  && rm -rf build/autobahn && mv build/autobahn.tmp build/autobahn
+
+autobahn: autobahn-deps  ## run the Autobahn conformance suite alone, printing every non-OK case
+	$(PYTHON) tests/autobahn/run.py
 
 bench: install
 	cargo bench --bench pipeline

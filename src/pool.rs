@@ -151,7 +151,6 @@ fn work<P: Processor>(
         per_job_ns = (per_job_ns * 3 + took) / 4;
         max = (BATCH_BUDGET.as_nanos() as u64 / per_job_ns.max(1)).clamp(1, MAX_BATCH as u64)
             as usize;
-        queue.set_batch_hint(max);
         consumer_gone |= !outlet.put(outputs);
         // After the results are out, so results of one key keep their order.
         for key in keys {

@@ -19,7 +19,7 @@ use crate::pool::Processor;
 use crate::queue::{Order, Overflow};
 use crate::state::StatsSnapshot;
 use crate::stream::{Batch, Config, Event, EventHook, Reconnect, Stream, Subscribe};
-use crate::ws::{Heartbeat, Outgoing};
+use crate::ws::{Heartbeat, Outgoing, Replies, TlsOptions};
 
 /// How long one GIL-free wait lasts before signals are checked again.
 const SLICE: Duration = Duration::from_millis(50);
@@ -412,6 +412,16 @@ impl PyStats {
     fn threads(&self) -> usize {
         self.snap.threads
     }
+    /// With `reply=True`: replies sent back to the server.
+    #[getter]
+    fn replies(&self) -> u64 {
+        self.snap.replies
+    }
+    /// With `reply=True`: replies dropped because their connection had ended first.
+    #[getter]
+    fn replies_dropped(&self) -> u64 {
+        self.snap.replies_dropped
+    }
 
     /// The counters as a dict.
     fn as_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -429,6 +439,8 @@ impl PyStats {
         d.set_item("elapsed", s.elapsed)?;
         d.set_item("workers", self.workers)?;
         d.set_item("threads", s.threads)?;
+        d.set_item("replies", s.replies)?;
+        d.set_item("replies_dropped", s.replies_dropped)?;
         Ok(d)
     }
 
@@ -474,9 +486,84 @@ enum Mode {
     Select(Arc<Vec<Vec<String>>>),
 }
 
+/// What `reply=True` sends for a decoded payload (no handler): the value as it is.
+fn native_reply(job: &Job, decoded: &Result<Data, DecodeError>) -> Option<Outgoing> {
+    match decoded {
+        Ok(Data::Text(t)) => Some(Outgoing::Text(t.clone())),
+        Ok(Data::Bytes(b)) => Some(Outgoing::Binary(b.to_vec())),
+        // The payload parsed as JSON, so it is UTF-8: send it back as the text it was.
+        Ok(Data::Json(_)) => Some(Outgoing::Text(
+            String::from_utf8_lossy(&job.payload).into_owned(),
+        )),
+        Err(_) => None,
+    }
+}
+
+/// What `reply=True` sends for a handler's value: str as text, bytes as binary, None nothing.
+/// Any other value makes the job fail with a TypeError (nothing is sent).
+fn handler_reply(
+    py: Python<'_>,
+    result: Py<PyJobResult>,
+    ok: bool,
+) -> PyResult<(Py<PyJobResult>, bool, Option<Outgoing>)> {
+    let r = result.get();
+    let value = match &r.value {
+        Some(v) if ok => v.bind(py).clone(),
+        _ => return Ok((result, ok, None)),
+    };
+    if value.is_none() {
+        return Ok((result, ok, None));
+    }
+    let message = if let Ok(s) = value.cast::<PyString>() {
+        Some(Outgoing::Text(s.to_cow()?.into_owned()))
+    } else if let Ok(b) = value.cast::<PyBytes>() {
+        Some(Outgoing::Binary(b.as_bytes().to_vec()))
+    } else {
+        None
+    };
+    if message.is_some() {
+        return Ok((result, ok, message));
+    }
+    let error = pyo3::exceptions::PyTypeError::new_err(format!(
+        "reply=True: the handler returned {}; return str (sent as text), bytes (binary) or None",
+        value.get_type().name()?
+    ));
+    let job = OnceLock::new();
+    if let Some(j) = r.job.get() {
+        let _ = job.set(j.clone_ref(py));
+    }
+    let failed = PyJobResult {
+        native: r.native.clone(),
+        job,
+        value: None,
+        error: Some(error.into_value(py).into_any()),
+    };
+    Ok((Py::new(py, failed)?, false, None))
+}
+
 struct PyProcessor {
     mode: Mode,
     keys: Arc<KeyCache>,
+    /// `reply=True`: each value (str, bytes) goes back on the job's connection.
+    replies: Option<Replies>,
+}
+
+impl PyProcessor {
+    /// Hands a reply to the read loop, without the GIL (the channel may be full): a batch of
+    /// handler calls holds it here.
+    fn reply(&self, connection: u32, message: Option<Outgoing>) {
+        if let (Some(replies), Some(message)) = (&self.replies, message) {
+            let mut message = Some(message);
+            let mut send = || {
+                if let Some(m) = message.take() {
+                    replies.send(connection, m);
+                }
+            };
+            if Python::try_attach(|py| py.detach(&mut send)).is_none() {
+                send();
+            }
+        }
+    }
 }
 
 /// Builds the Python result of a job; the handler (if any) runs here.
@@ -542,6 +629,9 @@ impl Processor for PyProcessor {
             Mode::Python(handler) => handler,
             Mode::Decode => {
                 let ok = decoded.is_ok();
+                if self.replies.is_some() {
+                    self.reply(job.connection, native_reply(&job, &decoded));
+                }
                 return (Out::Native(job, decoded), ok);
             }
             Mode::Select(paths) => return select(job, decoded, paths),
@@ -551,15 +641,24 @@ impl Processor for PyProcessor {
         // try_attach: never attach to an interpreter that is shutting down (the Python side
         // cancels live streams at exit, so this is only a second line of defence). Within a
         // batch the GIL is held already and this is only a check.
-        let done =
-            Python::try_attach(
-                |py| match finish(py, Some(handler), &self.keys, job, decoded) {
-                    Ok((result, ok)) => Ok((Out::Done(result), ok)),
-                    Err(e) => Err(format!("cannot build the result of job {}: {e}", copy.id)),
-                },
-            );
+        let done = Python::try_attach(|py| {
+            let built =
+                finish(py, Some(handler), &self.keys, job, decoded).and_then(|(result, ok)| {
+                    match self.replies {
+                        Some(_) => handler_reply(py, result, ok),
+                        None => Ok((result, ok, None)),
+                    }
+                });
+            match built {
+                Ok((result, ok, reply)) => Ok((Out::Done(result), ok, reply)),
+                Err(e) => Err(format!("cannot build the result of job {}: {e}", copy.id)),
+            }
+        });
         let error = match done {
-            Some(Ok(done)) => return done,
+            Some(Ok((out, ok, reply))) => {
+                self.reply(copy.connection, reply);
+                return (out, ok);
+            }
             Some(Err(msg)) => msg,
             None => "the Python interpreter is shutting down".to_string(),
         };
@@ -573,7 +672,7 @@ impl Processor for PyProcessor {
         // batch only takes the GIL. The stream's threads end before the interpreter finalizes
         // (the exit hook waits for them), so taking it back at the end is safe.
         if !matches!(self.mode, Mode::Python(_))
-            || Python::try_attach(|py| py.detach(|| work())).is_none()
+            || Python::try_attach(|py| py.detach(&mut *work)).is_none()
         {
             work();
         }
@@ -871,7 +970,8 @@ impl NativeStream {
     #[new]
     #[pyo3(signature = (url, handler, *, workers, decode, subscribe, headers, timeout,
                         queue_size, open_timeout, close_timeout, overflow, key, ordered,
-                        ping_interval, ping_timeout, max_message_size, reconnect, on_event))]
+                        ping_interval, ping_timeout, max_message_size, reconnect, on_event,
+                        ca, reply))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -893,6 +993,8 @@ impl NativeStream {
         max_message_size: usize,
         reconnect: Option<(Option<u32>, f64, f64, bool)>,
         on_event: Option<Py<PyAny>>,
+        ca: Option<std::path::PathBuf>,
+        reply: bool,
     ) -> PyResult<Self> {
         let seconds = |name: &str, v: f64| {
             Duration::try_from_secs_f64(v).map_err(|_| {
@@ -950,6 +1052,8 @@ impl NativeStream {
             })
             .transpose()?;
         config.on_event = on_event.map(event_hook);
+        config.tls = TlsOptions { ca_file: ca };
+        config.replies = reply.then(|| Replies::new(config.queue_size));
         let close_timeout = config.close_timeout;
         let keys = Arc::new(KeyCache::default());
         let mode = match handler {
@@ -962,6 +1066,7 @@ impl NativeStream {
         let processor = PyProcessor {
             mode,
             keys: keys.clone(),
+            replies: config.replies.clone(),
         };
         let inner = Stream::start(config, processor).map_err(|e| to_pyerr(py, e))?;
         Ok(NativeStream {

@@ -7,7 +7,6 @@
 //! instead; a job without the key is queued on its own, as in plain mode.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
@@ -116,9 +115,6 @@ pub struct JobQueue {
     consumers: usize,
     overflow: Overflow,
     per_key: bool,
-    /// How many jobs one worker takes per batch lately (published by the workers): a push of
-    /// n jobs wakes about n / batch workers, not one per job, when jobs are cheap.
-    batch_hint: AtomicUsize,
 }
 
 /// Pushes several jobs under one lock; the waiting workers are woken once, when it is dropped.
@@ -175,8 +171,7 @@ impl Pusher<'_> {
 
 impl Drop for Pusher<'_> {
     fn drop(&mut self) {
-        let per_worker = self.queue.batch_hint.load(Relaxed).max(1);
-        let wake = self.pushed.div_ceil(per_worker).min(self.st.idle);
+        let wake = self.pushed.min(self.st.idle);
         if wake == 0 {
             return;
         }
@@ -200,13 +195,7 @@ impl JobQueue {
             consumers: 1,
             overflow,
             per_key: order == Order::Key,
-            batch_hint: AtomicUsize::new(1),
         }
-    }
-
-    /// Says how many jobs a worker now takes per batch (see [`JobQueue::pop_many`]).
-    pub fn set_batch_hint(&self, jobs: usize) {
-        self.batch_hint.store(jobs, Relaxed);
     }
 
     /// Says how many workers take jobs (for the share [`JobQueue::pop_many`] takes).

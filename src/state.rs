@@ -66,6 +66,10 @@ pub struct StatsSnapshot {
     pub threads: usize,
     /// Seconds from start to the end of the stream (or to now, while it runs).
     pub elapsed: f64,
+    /// With `reply=True`: replies written to the socket, and replies dropped because their
+    /// connection had ended (filled in by `Stream::stats`).
+    pub replies: u64,
+    pub replies_dropped: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -228,6 +232,8 @@ impl Shared {
             bytes: self.bytes.load(Relaxed),
             threads: self.threads.load(Relaxed),
             elapsed: end.duration_since(self.started).as_secs_f64(),
+            replies: 0,
+            replies_dropped: 0,
         }
     }
 

@@ -14,7 +14,7 @@ use crate::job::DecodeMode;
 use crate::pool::{self, Pipes, Processor, Reorder};
 use crate::queue::{JobQueue, Order, Overflow};
 use crate::state::{Shared, StatsSnapshot};
-use crate::ws::{self, Control, Ended, Heartbeat, Outgoing, Reader};
+use crate::ws::{self, Control, Ended, Heartbeat, Outgoing, Reader, TlsOptions};
 
 /// How to open and run a stream.
 #[derive(Debug, Clone)]
@@ -42,6 +42,10 @@ pub struct Config {
     /// None: the first failure ends the stream.
     pub reconnect: Option<Reconnect>,
     pub on_event: Option<EventHook>,
+    /// Root certificates for `wss://`.
+    pub tls: TlsOptions,
+    /// `reply=True`: the channel the processor sends replies on (see [`ws::Replies`]).
+    pub replies: Option<ws::Replies>,
 }
 
 impl Config {
@@ -66,6 +70,8 @@ impl Config {
             max_message_size: 16 << 20,
             reconnect: None,
             on_event: None,
+            tls: TlsOptions::default(),
+            replies: None,
         }
     }
 
@@ -219,6 +225,7 @@ pub struct Stream<O> {
     /// The process that started the stream. After `fork()` the child has a copy of this value
     /// but none of the threads: there it must neither wait for them nor touch their handles.
     pid: u32,
+    replies: Option<ws::Replies>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -233,7 +240,9 @@ impl<O: Send + 'static> Stream<O> {
         let processor = test_panic::Worker(processor);
         ws::prepare_request(&config.url, &config.headers)?;
         config.check()?;
+        let tls = ws::tls_config(&config.tls)?;
         let workers = config.workers;
+        let replies = config.replies.clone();
         let shared = Arc::new(Shared::new());
         let queue = Arc::new(
             JobQueue::new(config.queue_size, config.overflow, config.order)
@@ -275,7 +284,7 @@ impl<O: Send + 'static> Stream<O> {
                 let io_queue = queue.clone();
                 // A panic here must not leave the consumer believing the stream ended normally.
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    io_main(config, io_queue, control_rx, io_shared, connected_tx)
+                    io_main(config, tls, io_queue, control_rx, io_shared, connected_tx)
                 }));
                 if let Err(payload) = ran {
                     let msg = crate::errors::panic_message(payload.as_ref());
@@ -308,6 +317,7 @@ impl<O: Send + 'static> Stream<O> {
             queue: stream_queue,
             workers,
             pid: std::process::id(),
+            replies,
         })
     }
 
@@ -490,7 +500,12 @@ impl<O: Send + 'static> Stream<O> {
     }
 
     pub fn stats(&self) -> StatsSnapshot {
-        self.shared.snapshot()
+        let mut snap = self.shared.snapshot();
+        if let Some(r) = &self.replies {
+            snap.replies = r.sent();
+            snap.replies_dropped = r.dropped();
+        }
+        snap
     }
 
     pub fn workers(&self) -> usize {
@@ -524,6 +539,7 @@ impl<O> Drop for Stream<O> {
 /// Body of the I/O thread: one single-threaded runtime for this stream's connections.
 fn io_main(
     config: Config,
+    tls: Arc<rustls::ClientConfig>,
     queue: Arc<JobQueue>,
     control: watch::Receiver<Control>,
     shared: Arc<Shared>,
@@ -559,14 +575,16 @@ fn io_main(
         heartbeat: config.heartbeat,
         connection: 0,
         next_id: 0,
+        replies: config.replies.clone(),
     };
-    runtime.block_on(connections(config, reader, connected));
+    runtime.block_on(connections(config, tls, reader, connected));
 }
 
 /// Opens connection after connection (with the reconnect policy) until the stream is over. An
 /// abnormal end is recorded in `Shared` before this returns (the caller then closes the queue).
 async fn connections(
     config: Config,
+    tls: Arc<rustls::ClientConfig>,
     mut reader: Reader,
     connected: flume::Sender<Result<(), Error>>,
 ) {
@@ -594,7 +612,7 @@ async fn connections(
                 }
                 return;
             }
-            opened = open(&config, connection, reader.deadline) => opened,
+            opened = open(&config, &tls, connection, reader.deadline) => opened,
         };
         let cause = match opened {
             Ok(ws) => {
@@ -666,6 +684,7 @@ fn fail(reader: &Reader, connected: &mut Option<flume::Sender<Result<(), Error>>
 
 async fn open(
     config: &Config,
+    tls: &Arc<rustls::ClientConfig>,
     connection: u32,
     deadline: Option<tokio::time::Instant>,
 ) -> Result<ws::WsStream, Error> {
@@ -677,7 +696,7 @@ async fn open(
             .min(config.open_timeout),
         None => config.open_timeout,
     };
-    let mut ws = ws::connect(request, open_timeout, config.max_message_size).await?;
+    let mut ws = ws::connect(request, open_timeout, config.max_message_size, tls).await?;
     match &config.subscribe {
         Subscribe::None => {}
         Subscribe::Messages(messages) => ws::subscribe(&mut ws, messages).await?,

@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::errors::Error;
 use crate::job::{extract_key, Job, Kind};
@@ -40,6 +40,115 @@ pub enum Control {
 pub enum Outgoing {
     Text(String),
     Binary(Vec<u8>),
+}
+
+impl Outgoing {
+    fn into_message(self) -> Message {
+        match self {
+            Outgoing::Text(t) => Message::text(t),
+            Outgoing::Binary(b) => Message::binary(b),
+        }
+    }
+}
+
+/// No connection is open for replies.
+const NO_CONNECTION: u64 = u64::MAX;
+
+/// Replies (`reply=True`): messages the processing side sends back on the connection a job came
+/// from. A bounded channel from the workers to the read loop, which sends them while it reads.
+/// A reply whose connection has ended (closed, dropped, replaced by a reconnect) is dropped and
+/// counted, never sent on another connection.
+#[derive(Clone)]
+pub struct Replies {
+    tx: flume::Sender<(u32, Outgoing)>,
+    rx: flume::Receiver<(u32, Outgoing)>,
+    state: Arc<ReplyState>,
+}
+
+struct ReplyState {
+    /// The connection whose read loop is taking replies, or NO_CONNECTION.
+    current: std::sync::atomic::AtomicU64,
+    sent: std::sync::atomic::AtomicU64,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Replies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Replies(sent={}, dropped={})",
+            self.sent(),
+            self.dropped()
+        )
+    }
+}
+
+impl Replies {
+    /// At most `capacity` replies wait for the read loop; more block the worker sending them.
+    pub fn new(capacity: usize) -> Self {
+        use std::sync::atomic::AtomicU64;
+        let (tx, rx) = flume::bounded(capacity.max(1));
+        Replies {
+            tx,
+            rx,
+            state: Arc::new(ReplyState {
+                current: AtomicU64::new(NO_CONNECTION),
+                sent: AtomicU64::new(0),
+                dropped: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Queues a reply for `connection` (blocks while the channel is full, as long as that
+    /// connection is open). False when it was dropped because the connection has ended.
+    /// Call it without the GIL: it may wait for the socket.
+    pub fn send(&self, connection: u32, message: Outgoing) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut item = (connection, message);
+        while self.state.current.load(SeqCst) == u64::from(connection) {
+            match self.tx.send_timeout(item, Duration::from_millis(50)) {
+                Ok(()) => return true,
+                Err(flume::SendTimeoutError::Timeout(back)) => item = back,
+                Err(flume::SendTimeoutError::Disconnected(_)) => break,
+            }
+        }
+        self.state.dropped.fetch_add(1, SeqCst);
+        false
+    }
+
+    /// Replies written to a socket.
+    pub fn sent(&self) -> u64 {
+        self.state.sent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Replies dropped because their connection had ended.
+    pub fn dropped(&self) -> u64 {
+        self.state.dropped.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Connection `connection` takes replies from now on; those still waiting for an older one
+    /// are dropped.
+    fn open(&self, connection: u32) {
+        self.state
+            .current
+            .store(u64::from(connection), std::sync::atomic::Ordering::SeqCst);
+        self.discard_stale(connection);
+    }
+
+    /// No connection takes replies: waiting ones are dropped, new ones are refused.
+    fn close(&self) {
+        self.state
+            .current
+            .store(NO_CONNECTION, std::sync::atomic::Ordering::SeqCst);
+        self.discard_stale(u32::MAX);
+    }
+
+    fn discard_stale(&self, connection: u32) {
+        let stale = self.rx.drain().filter(|(c, _)| *c != connection).count();
+        self.state
+            .dropped
+            .fetch_add(stale as u64, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Checks a URL and extra headers and builds the handshake request, before any thread starts.
@@ -90,48 +199,129 @@ fn redacted(uri: &tokio_tungstenite::tungstenite::http::Uri) -> String {
     }
 }
 
-fn tls_connector() -> Result<Connector, Error> {
+/// The TLS settings of `wss://` connections: the root certificates to trust.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// A PEM bundle of CA certificates trusted instead of the built-in web roots (webpki-roots),
+    /// e.g. a private CA or a self-signed server certificate.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// Builds the rustls client configuration; an unreadable or empty CA bundle is an
+/// `InvalidArgument`, reported before any thread starts.
+pub fn tls_config(options: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, Error> {
     let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    match &options.ca_file {
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        Some(path) => {
+            use rustls::pki_types::{pem::PemObject, CertificateDer};
+            let bad = |why: String| {
+                Error::InvalidArgument(format!("ca={:?}: {why}", path.display().to_string()))
+            };
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| bad(format!("cannot read a PEM file: {e}")))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(format!("not a PEM certificate bundle: {e}")))?;
+            if certs.is_empty() {
+                return Err(bad("no certificate in the file".into()));
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| bad(format!("unusable CA certificate: {e}")))?;
+            }
+        }
+    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Internal(format!("TLS setup: {e}")))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(Connector::Rustls(Arc::new(config)))
+    Ok(Arc::new(config))
 }
 
-/// Connects and completes the opening handshake within `open_timeout`. Frames and messages
-/// larger than `max_message_size` are refused from their header, before they are read.
+/// Connects and completes the opening handshake within `open_timeout`: TCP, then TLS for
+/// `wss://` (with `tls`), then the HTTP upgrade, each failure named as such. Frames and
+/// messages larger than `max_message_size` are refused from their header, before they are read.
 pub async fn connect(
     request: Request,
     open_timeout: Duration,
     max_message_size: usize,
+    tls: &Arc<rustls::ClientConfig>,
 ) -> Result<WsStream, Error> {
     let url = redacted(request.uri());
-    let connector = if request.uri().scheme_str() == Some("wss") {
-        Some(tls_connector()?)
-    } else {
-        None
-    };
     let config = WebSocketConfig::default()
         .max_message_size(Some(max_message_size))
         .max_frame_size(Some(max_message_size));
-    let attempt =
-        tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, connector);
+    let attempt = async {
+        let wss = request.uri().scheme_str() == Some("wss");
+        let host = request.uri().host().unwrap_or_default();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = request
+            .uri()
+            .port_u16()
+            .unwrap_or(if wss { 443 } else { 80 });
+        let failed = |cause: String| Error::Connect {
+            url: url.clone(),
+            cause,
+        };
+        let tcp = TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        // Small messages (replies, pongs) go out at once.
+        let _ = tcp.set_nodelay(true);
+        let stream = if wss {
+            let name = rustls::pki_types::ServerName::try_from(host)
+                .map_err(|e| failed(format!("TLS: invalid server name: {e}")))?;
+            let tls = tokio_rustls::TlsConnector::from(tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| failed(tls_cause(&e)))?;
+            MaybeTlsStream::Rustls(tls)
+        } else {
+            MaybeTlsStream::Plain(tcp)
+        };
+        tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+            .await
+            .map_err(|e| connect_error(&url, e, wss))
+    };
     match tokio::time::timeout(open_timeout, attempt).await {
         Err(_) => Err(Error::Timeout {
             url,
             after: open_timeout,
         }),
-        Ok(Err(e)) => Err(connect_error(&url, e)),
+        Ok(Err(e)) => Err(e),
         Ok(Ok((ws, _response))) => Ok(ws),
     }
 }
 
-fn connect_error(url: &str, e: WsError) -> Error {
+/// Why the TLS handshake failed, as rustls says it ("invalid peer certificate: UnknownIssuer"),
+/// with a hint when the server does not seem to speak TLS at all.
+fn tls_cause(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    let plain = text.contains("corrupt message")
+        || text.contains("InvalidContentType")
+        || e.kind() == std::io::ErrorKind::UnexpectedEof
+        || e.kind() == std::io::ErrorKind::ConnectionReset;
+    if plain {
+        format!("TLS handshake failed: {text} (does the server speak TLS? for a plain server use ws://)")
+    } else {
+        format!("TLS handshake failed: {text}")
+    }
+}
+
+fn connect_error(url: &str, e: WsError, wss: bool) -> Error {
     let url = url.to_string();
+    // A TLS server answers a plain HTTP request with a TLS alert (not HTTP) or by hanging up.
+    let hint = if wss {
+        ""
+    } else {
+        " (is it a TLS server? then use wss://)"
+    };
     match e {
         WsError::Http(response) => Error::Handshake {
             url,
@@ -144,7 +334,7 @@ fn connect_error(url: &str, e: WsError) -> Error {
         },
         WsError::Io(io) => Error::Connect {
             url,
-            cause: io.to_string(),
+            cause: format!("the handshake failed: {io}{hint}"),
         },
         WsError::Tls(tls) => Error::Connect {
             url,
@@ -153,6 +343,12 @@ fn connect_error(url: &str, e: WsError) -> Error {
         WsError::Url(u) => Error::InvalidUrl {
             url,
             reason: u.to_string(),
+        },
+        WsError::HttpFormat(_)
+        | WsError::Protocol(ProtocolError::HandshakeIncomplete)
+        | WsError::Protocol(ProtocolError::HttparseError(_)) => Error::Connect {
+            url,
+            cause: format!("the server's answer to the handshake is not HTTP: {e}{hint}"),
         },
         other => Error::Connect {
             url,
@@ -164,11 +360,9 @@ fn connect_error(url: &str, e: WsError) -> Error {
 /// Sends the subscription messages, in order, right after the handshake.
 pub async fn subscribe(ws: &mut WsStream, messages: &[Outgoing]) -> Result<(), Error> {
     for m in messages {
-        let msg = match m {
-            Outgoing::Text(t) => Message::text(t.clone()),
-            Outgoing::Binary(b) => Message::binary(b.clone()),
-        };
-        ws.feed(msg).await.map_err(read_error)?;
+        ws.feed(m.clone().into_message())
+            .await
+            .map_err(read_error)?;
     }
     ws.flush().await.map_err(read_error)
 }
@@ -180,17 +374,52 @@ fn read_error(e: WsError) -> Error {
         | WsError::ConnectionClosed
         | WsError::AlreadyClosed => dropped("the connection was dropped without a close frame"),
         WsError::Io(io) => dropped(&format!("the connection was lost: {io}")),
-        WsError::Protocol(p) => Error::Protocol(p.to_string()),
         WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
             Error::MessageTooBig {
                 size,
                 limit: max_size,
             }
         }
-        WsError::Capacity(c) => Error::Protocol(c.to_string()),
-        WsError::Utf8(s) => Error::Protocol(format!("invalid UTF-8 in a text message: {s}")),
-        other => Error::Protocol(other.to_string()),
+        other => match violation(&other) {
+            Some((code, what)) => Error::Protocol(format!("{what}; closed with {code}")),
+            None => Error::Protocol(other.to_string()),
+        },
     }
+}
+
+/// A violation of RFC 6455 by the server: what it was, and the close code the RFC asks the
+/// client to fail the connection with (1007 for invalid UTF-8, 1002 for the rest).
+fn violation(e: &WsError) -> Option<(u16, String)> {
+    use ProtocolError as P;
+    let what = match e {
+        WsError::Utf8(s) => {
+            return Some((
+                1007,
+                format!("invalid UTF-8 in a text message or close reason ({s})"),
+            ))
+        }
+        WsError::Protocol(p) => match p {
+            P::NonZeroReservedBits => {
+                "a frame has RSV bits set, and no extension was negotiated".into()
+            }
+            P::MaskedFrameFromServer => "the server sent a masked frame".into(),
+            P::FragmentedControlFrame => "a control frame is fragmented".into(),
+            P::ControlFrameTooBig => "a control frame is over 125 bytes".into(),
+            P::UnknownControlFrameType(op) => format!("reserved control opcode {op:#x}"),
+            P::UnknownDataFrameType(op) => format!("reserved data opcode {op:#x}"),
+            P::InvalidOpcode(op) if *op >= 8 => format!("reserved control opcode {op:#x}"),
+            P::InvalidOpcode(op) => format!("reserved data opcode {op:#x}"),
+            P::UnexpectedContinueFrame => "a continuation frame with no message to continue".into(),
+            P::ExpectedFragment(_) => {
+                "a new data message began before the fragmented one ended".into()
+            }
+            P::InvalidCloseSequence => "a close frame with a 1-byte payload".into(),
+            P::ReceivedAfterClosing => "data after the server's close frame".into(),
+            other => other.to_string(),
+        },
+        _ => return None,
+    };
+    Some((1002, what))
 }
 
 fn dropped(reason: &str) -> Error {
@@ -210,7 +439,20 @@ enum Stop {
     Deadline,
     ServerClosed(Option<CloseFrame>),
     Failed(Error),
+    /// The server broke the protocol: fail the connection with this close code.
+    Violated(u16, Error),
 }
+
+/// Why reading stopped on an error from the protocol layer.
+fn read_failed(e: WsError) -> Stop {
+    match violation(&e) {
+        Some((code, _)) => Stop::Violated(code, read_error(e)),
+        None => Stop::Failed(read_error(e)),
+    }
+}
+
+/// The reason tungstenite gives the close frame that stands for a forbidden close code.
+const INVALID_CLOSE_CODE: &str = "Protocol violation";
 
 /// How a connection ended, for the loop that may reconnect.
 #[derive(Debug)]
@@ -247,13 +489,50 @@ pub struct Reader {
     pub heartbeat: Heartbeat,
     pub connection: u32,
     pub next_id: u64,
+    /// With `reply=True`: what the workers send back.
+    pub replies: Option<Replies>,
+}
+
+/// At most this many waiting replies are written before one flush.
+const REPLY_BATCH: usize = 64;
+
+/// Resolves with what the owner asks once it is no longer `Run` (Cancel if the owner is gone).
+async fn asked(control: &mut watch::Receiver<Control>) -> Control {
+    loop {
+        if control.changed().await.is_err() {
+            return Control::Cancel;
+        }
+        let asked = *control.borrow_and_update();
+        if asked != Control::Run {
+            return asked;
+        }
+    }
+}
+
+/// Resolves with the next reply; never without replies.
+async fn next_reply(replies: Option<&Replies>) -> Option<(u32, Outgoing)> {
+    match replies {
+        Some(r) => r.rx.recv_async().await.ok(),
+        None => std::future::pending().await,
+    }
 }
 
 impl Reader {
     /// Reads one connection until asked to stop, the deadline, a close frame or an error, then
     /// closes it as the cause requires. Every message read has been queued when this returns.
     pub async fn run(&mut self, mut ws: WsStream) -> Ended {
+        if let Some(r) = &self.replies {
+            r.open(self.connection);
+        }
         let stop = self.read(&mut ws).await;
+        if matches!(stop, Stop::Violated(..)) {
+            // The messages before the violation are processed anyway: their replies go out
+            // before the connection is failed, so a peer sees every answer it was owed.
+            self.flush_owed_replies(&mut ws).await;
+        }
+        if let Some(r) = &self.replies {
+            r.close();
+        }
         let close_timeout = self.close_timeout;
         match stop {
             Stop::Asked(Control::Close) | Stop::Asked(Control::Run) | Stop::Deadline => {
@@ -280,6 +559,15 @@ impl Reader {
                     .as_ref()
                     .map(|f| (u16::from(f.code), f.reason.to_string()))
                     .unwrap_or((1005, String::new()));
+                // The protocol layer answers a close code RFC 6455 forbids (1005, 1006, 1015,
+                // 0-999, unassigned ones) with 1002 and reports it as this frame.
+                if code == 1002 && reason == INVALID_CLOSE_CODE {
+                    return Ended::Failed(Error::Protocol(
+                        "the server's close frame has a code RFC 6455 does not allow; \
+                         closed with 1002"
+                            .into(),
+                    ));
+                }
                 // 1000 is a normal close; 1005 means the server sent a close frame with no code.
                 if code == 1000 || code == 1005 {
                     Ended::Finished
@@ -304,6 +592,14 @@ impl Reader {
                 }
                 Ended::Failed(e)
             }
+            Stop::Violated(code, e) => {
+                // Fail the connection (RFC 6455 7.1.7): our close frame with the code, then a
+                // bounded wait for the server to hang up. The protocol layer cannot read past
+                // the bad frame, so what follows is discarded raw.
+                close(&mut ws, CloseCode::from(code), close_timeout, false).await;
+                discard_until_closed(&mut ws, close_timeout).await;
+                Ended::Failed(e)
+            }
         }
     }
 
@@ -311,7 +607,7 @@ impl Reader {
         let mut batch = Vec::with_capacity(READ_BATCH);
         let stop = self.read_into(ws, &mut batch).await;
         // Whatever ended the reading, every message read is queued.
-        match self.enqueue_all(&mut batch).await {
+        match self.enqueue_all(ws, &mut batch).await {
             Ok(()) => stop,
             Err(queue_stop) => queue_stop,
         }
@@ -343,6 +639,9 @@ impl Reader {
                 }
                 stamp = None;
             }
+            if let Err(stop) = self.send_replies(ws, None).await {
+                return stop;
+            }
             let wake = match pinged_at {
                 None => interval,
                 Some(at) => timeout.map(|t| at + t),
@@ -352,7 +651,7 @@ impl Reader {
                 Some(next) => next,
                 None if !batch.is_empty() => {
                     // Nothing more at once: hand the run to the workers before waiting.
-                    if let Err(stop) = self.enqueue_all(batch).await {
+                    if let Err(stop) = self.enqueue_all(ws, batch).await {
                         return stop;
                     }
                     continue;
@@ -369,6 +668,13 @@ impl Reader {
                             continue;
                         }
                         _ = sleep_until(self.deadline) => return Stop::Deadline,
+                        Some(reply) = next_reply(self.replies.as_ref()) => {
+                            idle += waiting.elapsed();
+                            if let Err(stop) = self.send_replies(ws, Some(reply)).await {
+                                return stop;
+                            }
+                            continue;
+                        }
                         _ = sleep_for(wake.map(|w| w.saturating_sub(idle))) => {
                             idle += waiting.elapsed();
                             if pinged_at.is_some() {
@@ -395,7 +701,7 @@ impl Reader {
                 Some(Ok(Message::Close(frame))) => return Stop::ServerClosed(frame),
                 // Pings are answered by the protocol layer; pongs and raw frames carry no job.
                 Some(Ok(_)) => continue,
-                Some(Err(e)) => return Stop::Failed(read_error(e)),
+                Some(Err(e)) => return read_failed(e),
                 None => return Stop::Failed(dropped("the connection ended without a close frame")),
             };
             self.shared.on_received(payload.len());
@@ -413,7 +719,7 @@ impl Reader {
             self.next_id += 1;
             batch.push((job, key));
             if batch.len() >= READ_BATCH.min(self.queue.capacity()) {
-                if let Err(stop) = self.enqueue_all(batch).await {
+                if let Err(stop) = self.enqueue_all(ws, batch).await {
                     return stop;
                 }
             }
@@ -422,7 +728,11 @@ impl Reader {
 
     /// Queues a run of messages under one lock, then (if the queue filled up) the rest one by
     /// one as [`Reader::enqueue`] does. `batch` is empty when this returns.
-    async fn enqueue_all(&mut self, batch: &mut Vec<(Job, Option<Key>)>) -> Result<(), Stop> {
+    async fn enqueue_all(
+        &mut self,
+        ws: &mut WsStream,
+        batch: &mut Vec<(Job, Option<Key>)>,
+    ) -> Result<(), Stop> {
         let mut rest = batch.drain(..);
         let mut dropped = 0;
         let mut full = None;
@@ -462,7 +772,7 @@ impl Reader {
                 let mut waiting: Vec<_> = std::iter::once((job, key)).chain(rest).collect();
                 let mut it = waiting.drain(..);
                 while let Some((job, key)) = it.next() {
-                    if let Err(stop) = self.enqueue(job, key).await {
+                    if let Err(stop) = self.enqueue(ws, job, key).await {
                         // Asked to stop or the deadline: `enqueue` queued the message it held;
                         // the others read before the stop are queued too.
                         let mut pusher = self.queue.pusher();
@@ -480,7 +790,12 @@ impl Reader {
     /// Queues a received message under the overflow policy. While the queue is full (policy
     /// "block"), nothing is read and TCP pushes back on the server; a stop asked meanwhile
     /// still queues the message (one over capacity) so that nothing read is lost, then stops.
-    async fn enqueue(&mut self, mut job: Job, mut key: Option<Key>) -> Result<(), Stop> {
+    async fn enqueue(
+        &mut self,
+        ws: &mut WsStream,
+        mut job: Job,
+        mut key: Option<Key>,
+    ) -> Result<(), Stop> {
         loop {
             match self.queue.try_push(job, key) {
                 Push::Done { dropped } => {
@@ -516,7 +831,88 @@ impl Reader {
                     return Err(Stop::Deadline);
                 }
                 _ = self.queue.space() => {}
+                // The workers may be waiting to hand over a reply: keep sending them.
+                Some(reply) = next_reply(self.replies.as_ref()) => {
+                    if let Err(stop) = self.send_replies(ws, Some(reply)).await {
+                        self.queue.force_push(job, key);
+                        return Err(stop);
+                    }
+                }
             }
+        }
+    }
+
+    /// With replies: waits (up to `close_timeout`) for the jobs received so far to finish,
+    /// sending their replies.
+    async fn flush_owed_replies(&mut self, ws: &mut WsStream) {
+        if self.replies.is_none() {
+            return;
+        }
+        let until = tokio::time::Instant::now() + self.close_timeout;
+        loop {
+            let done = self.shared.snapshot().in_flight == 0;
+            if self.send_replies(ws, None).await.is_err() || done {
+                return;
+            }
+            tokio::select! {
+                biased;
+                Some(reply) = next_reply(self.replies.as_ref()) => {
+                    if self.send_replies(ws, Some(reply)).await.is_err() {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+                _ = tokio::time::sleep_until(until) => return,
+            }
+        }
+    }
+
+    /// Writes `first` and the replies already waiting (up to a batch), then flushes. A reply for
+    /// an older connection is dropped. While the server does not read them, this waits (TCP
+    /// pushes back) but still obeys close, cancel and the deadline.
+    async fn send_replies(
+        &mut self,
+        ws: &mut WsStream,
+        first: Option<(u32, Outgoing)>,
+    ) -> Result<(), Stop> {
+        let Some(replies) = &self.replies else {
+            return Ok(());
+        };
+        let waiting = first
+            .into_iter()
+            .chain(replies.rx.try_iter().take(REPLY_BATCH));
+        let mut batch = Vec::new();
+        for (connection, message) in waiting {
+            if connection == self.connection {
+                batch.push(message.into_message());
+            } else {
+                replies
+                    .state
+                    .dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let count = batch.len() as u64;
+        let sending = async {
+            for message in batch {
+                ws.feed(message).await?;
+            }
+            ws.flush().await
+        };
+        tokio::select! {
+            biased;
+            sent = sending => match sent {
+                Ok(()) => {
+                    replies.state.sent.fetch_add(count, std::sync::atomic::Ordering::SeqCst);
+                    Ok(())
+                }
+                Err(e) => Err(read_failed(e)),
+            },
+            asked = asked(&mut self.control) => Err(Stop::Asked(asked)),
+            _ = sleep_until(self.deadline) => Err(Stop::Deadline),
         }
     }
 }
@@ -597,6 +993,51 @@ mod tests {
         assert_eq!(redacted(r.uri()), "ws://h:1/p");
         let r = prepare_request("wss://h/p?q=1", &[]).unwrap();
         assert_eq!(redacted(r.uri()), "wss://h/p?q=1");
+    }
+
+    #[test]
+    fn violations_name_the_cause_and_the_close_code() {
+        let v = |e: WsError| violation(&e).expect("a violation");
+        assert_eq!(v(WsError::Utf8("bad".into())).0, 1007);
+        let (code, what) = v(WsError::Protocol(ProtocolError::NonZeroReservedBits));
+        assert_eq!((code, what.contains("RSV")), (1002, true));
+        let (_, what) = v(WsError::Protocol(ProtocolError::InvalidOpcode(0xb)));
+        assert_eq!(what, "reserved control opcode 0xb");
+        let (_, what) = v(WsError::Protocol(ProtocolError::InvalidOpcode(0x3)));
+        assert_eq!(what, "reserved data opcode 0x3");
+        // A drop is not a violation: it is reported as code 1006, without a close frame.
+        assert!(violation(&WsError::ConnectionClosed).is_none());
+        assert!(matches!(
+            read_error(WsError::Protocol(ProtocolError::FragmentedControlFrame)),
+            Error::Protocol(m) if m == "a control frame is fragmented; closed with 1002"
+        ));
+    }
+
+    #[test]
+    fn replies_for_an_ended_connection_are_dropped_and_counted() {
+        let r = Replies::new(2);
+        // No connection open: refused at once, never blocking the worker.
+        assert!(!r.send(0, Outgoing::Text("a".into())));
+        r.open(1);
+        assert!(r.send(1, Outgoing::Text("b".into())));
+        assert!(!r.send(0, Outgoing::Text("old".into())));
+        // Reconnected: what waited for connection 1 is dropped, not sent on connection 2.
+        r.open(2);
+        assert_eq!(r.rx.len(), 0);
+        assert!(r.send(2, Outgoing::Binary(vec![1])));
+        r.close();
+        assert_eq!((r.sent(), r.dropped()), (0, 4));
+    }
+
+    #[test]
+    fn a_missing_or_empty_ca_bundle_is_an_invalid_argument() {
+        let missing = TlsOptions {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+        };
+        assert!(
+            matches!(tls_config(&missing), Err(Error::InvalidArgument(m)) if m.contains("cannot read"))
+        );
+        assert!(tls_config(&TlsOptions::default()).is_ok());
     }
 
     #[test]

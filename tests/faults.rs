@@ -119,7 +119,8 @@ mod panics {
         joined(&stream);
         let s = stream.stats();
         assert_eq!(s.abandoned, 1, "{s:?}");
-        assert_eq!(results.len() as u64, s.processed + s.failed);
+        // The results the dead worker had made in its batch died with it (they are counted).
+        assert!(results.len() as u64 <= s.processed + s.failed, "{s:?}");
         assert_accounted(&s);
         drop(server);
     }

@@ -106,7 +106,7 @@ def test_select_picks_fields_natively(mock_server):
     server = mock_server(messages=[json.dumps(d) for d in docs])
     select = wspool.Select("seq", "px.bid", "sym")
     assert select.fields == ["seq", "px.bid", "sym"]
-    assert repr(select) == "Select(\"seq\", \"px.bid\", \"sym\")"
+    assert repr(select) == 'Select("seq", "px.bid", "sym")'
     with wspool.consume(server.url, select, decode="json", ordered=True) as stream:
         results = list(stream)
     assert [r.value for r in results] == [(1, 1.5, "BTC"), (2, None, "ETH"), (3, None, None)]

@@ -85,6 +85,12 @@ class Stats:
     @property
     def threads(self) -> int:
         """Native threads of the stream still running (0 once it is closed)."""
+    @property
+    def replies(self) -> int:
+        """With ``reply=True``: replies sent back to the server."""
+    @property
+    def replies_dropped(self) -> int:
+        """With ``reply=True``: replies dropped because their connection had ended first."""
     def as_dict(self) -> dict[str, Union[int, float]]:
         """The counters as a dict."""
 
@@ -132,6 +138,8 @@ class NativeStream:
         on_event: Optional[
             Callable[[str, int, int, Optional[float], Optional[BaseException]], Any]
         ],
+        ca: Optional[str],
+        reply: bool,
     ) -> NativeStream: ...
     def wait_connected(self) -> None:
         """Blocks until the handshake is done; raises ConnectError, HandshakeError or Timeout."""

@@ -731,6 +731,8 @@ def consume(
     max_message_size: int = 16 * 1024 * 1024,
     open_timeout: float = 10.0,
     close_timeout: float = 5.0,
+    ca: Union[str, os.PathLike[str], None] = None,
+    reply: bool = False,
 ) -> Stream:
     """Connects to ``url`` and processes every message on a native worker pool.
 
@@ -783,6 +785,14 @@ def consume(
             :class:`MessageTooBig` (close code 1009), refused before it is read whole.
         open_timeout: seconds allowed for TCP + TLS + handshake.
         close_timeout: seconds allowed for the closing handshake and for threads to end.
+        ca: path to a PEM bundle of CA certificates to trust for ``wss://`` instead of the
+            built-in web roots (a private CA, or a self-signed server certificate itself).
+        reply: send each result's value back on the connection its message came from: str as
+            a text message, bytes as a binary one, None sends nothing (another type makes that
+            job fail with a TypeError). Without a handler the decoded payload is sent back (an
+            echo; JSON as the text it came in). Replies go out in completion order (one worker
+            keeps receipt order); one whose connection ended first is dropped and counted in
+            ``stats.replies_dropped``; ``stats.replies`` counts the sent ones.
 
     Raises:
         ValueError: an unusable URL or argument (before any thread starts).
@@ -816,6 +826,10 @@ def consume(
         raise ValueError(f'ordered must be False, True or "key", not {ordered!r}')
     if key is not None and (not isinstance(key, str) or not key):
         raise ValueError(f"key must be a non-empty str (a JSON field name), not {key!r}")
+    if not isinstance(reply, bool):
+        raise ValueError(f"reply must be True or False, not {reply!r}")
+    if ca is not None and not isinstance(ca, (str, os.PathLike)):
+        raise ValueError(f"ca must be a path to a PEM file or None, not {type(ca).__name__}")
     reconnect_args = _reconnect_args(reconnect)
     if on_event is None and reconnect_args is not None:
         on_event = _log_event
@@ -863,6 +877,8 @@ def consume(
             max_message_size=max_message_size,
             reconnect=reconnect_args,
             on_event=native_on_event,
+            ca=None if ca is None else os.fspath(ca),
+            reply=reply,
         )
     except BaseException:
         if async_handlers is not None:
