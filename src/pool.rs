@@ -22,6 +22,13 @@ pub trait Processor: Send + Sync + 'static {
     /// result, and says whether that result is a success.
     fn process(&self, job: Job, decoded: Result<Data, DecodeError>) -> (Self::Output, bool);
 
+    /// Whether jobs may be taken several at a time. A processor whose jobs may block for long
+    /// (user code) says no: a job stuck in a batch would hold back the jobs taken with it
+    /// (and their results), which another worker could have run.
+    fn batchable(&self) -> bool {
+        true
+    }
+
     /// Runs `work`, a worker thread's whole loop. An implementation may set up once per thread
     /// what its jobs need (the Python layer keeps the thread's interpreter state alive here).
     fn worker(&self, work: &mut (dyn FnMut() + Send)) {
@@ -149,8 +156,10 @@ fn work<P: Processor>(
         });
         let took = took.as_nanos() as u64 / n;
         per_job_ns = (per_job_ns * 3 + took) / 4;
-        max = (BATCH_BUDGET.as_nanos() as u64 / per_job_ns.max(1)).clamp(1, MAX_BATCH as u64)
-            as usize;
+        if processor.batchable() {
+            max = (BATCH_BUDGET.as_nanos() as u64 / per_job_ns.max(1)).clamp(1, MAX_BATCH as u64)
+                as usize;
+        }
         consumer_gone |= !outlet.put(outputs);
         // After the results are out, so results of one key keep their order.
         for key in keys {

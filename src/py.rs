@@ -665,6 +665,11 @@ impl Processor for PyProcessor {
         (Out::Panicked(copy, Error::Internal(error)), false)
     }
 
+    fn batchable(&self) -> bool {
+        // A Python handler may block for as long as it likes: one job at a time.
+        !matches!(self.mode, Mode::Python(_))
+    }
+
     fn worker(&self, work: &mut (dyn FnMut() + Send)) {
         // A thread unknown to Python gets a new interpreter thread state each time it takes
         // the GIL, freed when it lets go (with its frame stack, mapped and unmapped): that was

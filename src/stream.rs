@@ -753,6 +753,12 @@ mod test_panic {
             self.0.process(job, decoded)
         }
 
+        // One job at a time, so a worker that dies takes only its own job with it (a batch
+        // would take the unstarted jobs of the batch too, uncounted: see the issue 6 note).
+        fn batchable(&self) -> bool {
+            false
+        }
+
         fn panicked(&self, job: Job, error: Error) -> P::Output {
             if job.payload.as_ref() == WORKER {
                 panic!("test-panic: a worker dies on purpose");
