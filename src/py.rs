@@ -727,13 +727,22 @@ fn picked(
     keys: &KeyCache,
 ) -> PyResult<Py<PyAny>> {
     let mut keys = keys.lock();
-    let mut one = |pick: &Option<usize>| match *pick {
+    let one = |pick: &Option<usize>| match *pick {
         Some(mut at) => json_node(py, doc, &mut at, &mut keys),
         None => Ok(py.None().into_bound(py)),
     };
-    Ok(match picks {
-        [single] => one(single)?.unbind(),
-        many => PyTuple::new(py, many.iter().map(one).collect::<PyResult<Vec<_>>>()?)?
+    one_or_tuple(py, picks, one)
+}
+
+/// A `Select` value: the one field alone, or the tuple of them.
+fn one_or_tuple<'py, T>(
+    py: Python<'py>,
+    fields: &[T],
+    mut value: impl FnMut(&T) -> PyResult<Bound<'py, PyAny>>,
+) -> PyResult<Py<PyAny>> {
+    Ok(match fields {
+        [single] => value(single)?.unbind(),
+        many => PyTuple::new(py, many.iter().map(value).collect::<PyResult<Vec<_>>>()?)?
             .into_any()
             .unbind(),
     })
@@ -849,12 +858,7 @@ impl PySelect {
             }
             Ok(at)
         };
-        Ok(match self.paths.as_slice() {
-            [single] => pick(single)?.unbind(),
-            many => PyTuple::new(py, many.iter().map(pick).collect::<PyResult<Vec<_>>>()?)?
-                .into_any()
-                .unbind(),
-        })
+        one_or_tuple(py, &self.paths, pick)
     }
 
     fn __repr__(&self) -> String {

@@ -358,11 +358,7 @@ class Stream:
         buffer = self._buffer
         take = buffer.popleft
         resume = self._resume
-        while True:
-            while not buffer:
-                if not self._fill():
-                    self._raise_error()
-                    return
+        while self._wait_buffered():
             if resume is None:
                 while buffer:
                     yield take()
@@ -373,11 +369,9 @@ class Stream:
                     yield result
 
     def __next__(self) -> Result:
-        buffer = self._buffer
-        while not buffer:
-            if not self._fill():
-                self._raise_end(StopIteration)
-        result = buffer.popleft()
+        if not self._wait_buffered():
+            raise StopIteration
+        result = self._buffer.popleft()
         if self._resume is not None:
             self._resume.last = result.job
         return result
@@ -388,16 +382,21 @@ class Stream:
         per-result cost of iteration is paid once per list. Ends, or raises the error that
         ended the stream, as iteration does; ``on_result`` still sees every result."""
         buffer = self._buffer
-        while True:
-            while not buffer:
-                if not self._fill():
-                    self._raise_error()
-                    return
+        while self._wait_buffered():
             batch = list(buffer)
             buffer.clear()
             if self._resume is not None:
                 self._resume.last = batch[-1].job
             yield batch
+
+    def _wait_buffered(self) -> bool:
+        """Fills the buffer until it holds a result: True then; False once the stream is over
+        (after raising, once, the error that ended it)."""
+        while not self._buffer:
+            if not self._fill():
+                self._raise_error()
+                return False
+        return True
 
     def _raise_error(self) -> None:
         """Raises, once, the error that ended the stream, if any."""
