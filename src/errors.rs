@@ -52,6 +52,11 @@ pub enum Error {
     #[error("{0}")]
     Callback(String),
 
+    /// The journal (`journal=`) cannot be used: not a wspool journal, a newer schema, or a
+    /// write that failed (a full disk). Never retried: a job not written must not be run.
+    #[error("journal {path}: {message}")]
+    Journal { path: String, message: String },
+
     /// A bug in wspool itself (a panic caught on a native thread).
     #[error("internal error in wspool: {0}")]
     Internal(String),
@@ -105,6 +110,7 @@ impl Error {
             | Error::MessageTooBig { .. }
             | Error::Overflow { .. }
             | Error::Callback(_)
+            | Error::Journal { .. }
             | Error::Internal(_) => false,
         }
     }

@@ -5,6 +5,7 @@
 
 pub mod errors;
 pub mod job;
+pub mod journal;
 pub mod pool;
 pub mod queue;
 pub mod state;
@@ -13,6 +14,8 @@ pub mod ws;
 
 #[cfg(feature = "python")]
 mod py;
+#[cfg(feature = "python")]
+mod py_journal;
 
 pub use errors::Error;
 pub use job::{Data, DecodeError, DecodeMode, Job, Kind};

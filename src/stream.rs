@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::errors::Error;
 use crate::job::DecodeMode;
+use crate::journal::{self, Describe, JournalSpec, Outcome};
 use crate::pool::{self, Pipes, Processor, Reorder};
 use crate::queue::{JobQueue, Order, Overflow};
 use crate::state::{Shared, StatsSnapshot};
@@ -42,6 +43,8 @@ pub struct Config {
     /// None: the first failure ends the stream.
     pub reconnect: Option<Reconnect>,
     pub on_event: Option<EventHook>,
+    /// Write every job to this SQLite journal before the pool sees it (see `journal`).
+    pub journal: Option<JournalSpec>,
 }
 
 impl Config {
@@ -66,6 +69,7 @@ impl Config {
             max_message_size: 16 << 20,
             reconnect: None,
             on_event: None,
+            journal: None,
         }
     }
 
@@ -90,6 +94,12 @@ impl Config {
             (Some(k), true) if k.is_empty() => invalid("key must be a non-empty field name"),
             _ => Ok(()),
         }?;
+        if self.journal.is_some() && self.overflow != Overflow::Block {
+            return invalid(
+                "a journal keeps every message: it needs overflow=\"block\" (a dropped message \
+                 would stay unfinished in the journal)",
+            );
+        }
         if let Some(r) = &self.reconnect {
             if r.initial.is_zero() || r.maximum < r.initial {
                 return invalid("reconnect needs 0 < initial <= maximum");
@@ -212,6 +222,7 @@ pub struct Stream<O> {
     results: Mutex<Option<flume::Receiver<O>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     workers: usize,
+    journal: Option<journal::Link>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -222,8 +233,24 @@ impl<O: Send + 'static> Stream<O> {
     /// Checks the configuration, then starts the workers and the read-loop thread, which
     /// connects in the background: see [`Stream::wait_connected`].
     pub fn start<P: Processor<Output = O>>(config: Config, processor: P) -> Result<Self, Error> {
+        Self::start_journaled(config, processor, Arc::new(|_: &O, ok| Outcome::plain(ok)))
+    }
+
+    /// [`Stream::start`], with `describe` telling the journal (if `config.journal`) what each
+    /// job's output was: its value, or its error's type and message.
+    pub fn start_journaled<P: Processor<Output = O>>(
+        config: Config,
+        processor: P,
+        describe: Describe<O>,
+    ) -> Result<Self, Error> {
         ws::prepare_request(&config.url, &config.headers)?;
         config.check()?;
+        // Opened (and checked) before any thread starts, so a bad file is refused at once.
+        let journal_setup = config
+            .journal
+            .as_ref()
+            .map(|spec| journal::Setup::open(spec, config.queue_size))
+            .transpose()?;
         let workers = config.workers;
         let shared = Arc::new(Shared::new());
         let queue = Arc::new(JobQueue::new(
@@ -241,13 +268,45 @@ impl<O: Send + 'static> Stream<O> {
             reorder: (config.order == Order::Receipt)
                 .then(|| Arc::new(Reorder::new(config.queue_size))),
         };
-        let mut threads = pool::spawn(
-            config.workers,
-            Arc::new(processor),
-            config.decode,
-            pipes,
-            shared.clone(),
-        )?;
+        let mut threads = match &journal_setup {
+            None => pool::spawn(
+                config.workers,
+                Arc::new(processor),
+                config.decode,
+                pipes,
+                shared.clone(),
+            )?,
+            Some(setup) => pool::spawn(
+                config.workers,
+                Arc::new(setup.wrap(processor, describe)),
+                config.decode,
+                pipes,
+                shared.clone(),
+            )?,
+        };
+        // With a journal, the read loop hands jobs to its writer, which releases them to the
+        // queue once written and closes the queue after the last one.
+        let mut journal_link = None;
+        let mut inserts = None;
+        let mut first_id = 0;
+        if let Some(setup) = journal_setup {
+            first_id = setup.next_id();
+            let key = match (config.overflow, config.order) {
+                (Overflow::Conflate, _) | (_, Order::Key) => config.key.clone(),
+                _ => None,
+            };
+            match setup.spawn(queue.clone(), shared.clone(), key) {
+                Ok((handle, link, tx)) => {
+                    threads.push(handle);
+                    journal_link = Some(link);
+                    inserts = Some(tx);
+                }
+                Err(e) => {
+                    queue.close();
+                    return Err(e);
+                }
+            }
+        }
         let io_shared = shared.clone();
         let spawn_queue = queue.clone();
         let guard = shared.thread_guard();
@@ -257,16 +316,30 @@ impl<O: Send + 'static> Stream<O> {
                 let _guard = guard;
                 let shared = io_shared.clone();
                 let io_queue = queue.clone();
+                // Kept until the end is recorded: the journal writer closes the queue once
+                // every sender of jobs is gone.
+                let journaled = inserts.clone();
                 // A panic here must not leave the consumer believing the stream ended normally.
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    io_main(config, io_queue, control_rx, io_shared, connected_tx)
+                    io_main(
+                        config,
+                        io_queue,
+                        control_rx,
+                        io_shared,
+                        connected_tx,
+                        inserts,
+                        first_id,
+                    )
                 }));
                 if let Err(payload) = ran {
                     let msg = crate::errors::panic_message(payload.as_ref());
                     shared.set_error(Error::Internal(format!("the I/O thread panicked: {msg}")));
                 }
                 // The end (and its error) is recorded: the workers may finish the queue.
-                queue.close();
+                match journaled {
+                    None => queue.close(),
+                    Some(tx) => drop(tx),
+                }
             });
         match io {
             Ok(handle) => threads.push(handle),
@@ -284,6 +357,7 @@ impl<O: Send + 'static> Stream<O> {
             results: Mutex::new(Some(results_rx)),
             threads: Mutex::new(threads),
             workers,
+            journal: journal_link,
         })
     }
 
@@ -386,6 +460,11 @@ impl<O: Send + 'static> Stream<O> {
     pub fn workers(&self) -> usize {
         self.workers
     }
+
+    /// The stream's journal, when it has one: status queries and the recovered jobs.
+    pub fn journal(&self) -> Option<&journal::Link> {
+        self.journal.as_ref()
+    }
 }
 
 /// Every thread a stream starts is named with this prefix.
@@ -413,6 +492,8 @@ fn io_main(
     control: watch::Receiver<Control>,
     shared: Arc<Shared>,
     connected: flume::Sender<Result<(), Error>>,
+    journal: Option<journal::Inserts>,
+    first_id: u64,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -443,7 +524,8 @@ fn io_main(
         close_timeout: config.close_timeout,
         heartbeat: config.heartbeat,
         connection: 0,
-        next_id: 0,
+        next_id: first_id,
+        journal,
     };
     runtime.block_on(connections(config, reader, connected));
 }

@@ -239,6 +239,8 @@ pub struct Reader {
     pub heartbeat: Heartbeat,
     pub connection: u32,
     pub next_id: u64,
+    /// With a journal: its writer takes each job and queues it once written.
+    pub journal: Option<crate::journal::Inserts>,
 }
 
 impl Reader {
@@ -377,6 +379,15 @@ impl Reader {
     /// "block"), nothing is read and TCP pushes back on the server; a stop asked meanwhile
     /// still queues the message (one over capacity) so that nothing read is lost, then stops.
     async fn enqueue(&mut self, mut job: Job, mut key: Option<Key>) -> Result<(), Stop> {
+        if let Some(journal) = &self.journal {
+            // Not interruptible on purpose: a message read must be written. The writer only
+            // waits for the pool (or nothing, once cancelled), as a full queue would.
+            return journal.send_async((job, key)).await.map_err(|_| {
+                Stop::Failed(self.shared.error().unwrap_or_else(|| {
+                    Error::Internal("the journal writer ended before the read loop".into())
+                }))
+            });
+        }
         loop {
             match self.queue.try_push(job, key) {
                 Push::Done { dropped } => {
