@@ -717,21 +717,24 @@ impl Link {
     /// `wait` for the writer; after the stream, reads the file).
     pub fn get(&self, id: u64, wait: Duration) -> Result<Option<Record>, Error> {
         let (tx, rx) = flume::bounded(1);
-        if self
-            .queries
-            .send_timeout(Query { id, reply: tx }, wait)
-            .is_ok()
-        {
-            match rx.recv_timeout(wait) {
-                Ok(answer) => return answer,
-                Err(flume::RecvTimeoutError::Timeout) => {
-                    return Err(Error::Journal {
-                        path: self.path.display().to_string(),
-                        message: "the journal writer did not answer in time".into(),
-                    })
+        let deadline = std::time::Instant::now() + wait;
+        let sent = self.queries.send_timeout(Query { id, reply: tx }, wait);
+        if sent.is_ok() {
+            loop {
+                match rx.recv_timeout(Duration::from_millis(20)) {
+                    Ok(answer) => return answer,
+                    // The writer ended (a question it did not take stays unanswered in the
+                    // channel): read the file.
+                    Err(flume::RecvTimeoutError::Disconnected) => break,
+                    Err(_) if self.queries.is_disconnected() => break,
+                    Err(_) if std::time::Instant::now() >= deadline => {
+                        return Err(Error::Journal {
+                            path: self.path.display().to_string(),
+                            message: "the journal writer did not answer in time".into(),
+                        })
+                    }
+                    Err(_) => {}
                 }
-                // The writer ended meanwhile: read the file.
-                Err(flume::RecvTimeoutError::Disconnected) => {}
             }
         }
         Journal::open(&self.path, false, SyncMode::Normal)?.get(id)
@@ -949,9 +952,12 @@ impl Writer {
                 self.release(job, key)?;
             }
         }
-        // The stream may still ask (its status queries) until it is dropped.
         self.journal.write(&[], &mut self.pending)?;
-        Ok(())
+        // Questions asked meanwhile are answered; later ones read the file (see `Link::get`).
+        if let Some(rx) = self.queries.take() {
+            self.asked.extend(rx.drain());
+        }
+        self.answer()
     }
 
     /// Waits for the next event on any open channel (`timeout` None: until one comes).

@@ -21,7 +21,7 @@ use crate::ws::{Heartbeat, Outgoing};
 const SLICE: Duration = Duration::from_millis(50);
 
 /// Maps a native error to its `wspool.exceptions` class, with the fields the class carries.
-fn to_pyerr(py: Python<'_>, error: Error) -> PyErr {
+pub(crate) fn to_pyerr(py: Python<'_>, error: Error) -> PyErr {
     let message = error.to_string();
     let build = || -> PyResult<PyErr> {
         let kwargs = PyDict::new(py);
@@ -60,6 +60,10 @@ fn to_pyerr(py: Python<'_>, error: Error) -> PyErr {
                 "Overflow"
             }
             Error::Callback(_) => "WspoolError",
+            Error::Journal { path, .. } => {
+                kwargs.set_item("path", path)?;
+                "JournalError"
+            }
             Error::Internal(_) => "InternalError",
         };
         let class = py.import("wspool.exceptions")?.getattr(name)?;
@@ -338,7 +342,7 @@ impl PyStats {
 
 /// What a worker hands back: finished Python results when there is a handler (built on the
 /// worker, which holds the GIL only for that), or native data converted later in batches.
-enum Out {
+pub(crate) enum Out {
     Native(Job, Result<Data, DecodeError>),
     Done(Py<PyJobResult>),
     Panicked(Job, Error),
@@ -575,7 +579,8 @@ impl NativeStream {
     #[new]
     #[pyo3(signature = (url, handler, *, workers, decode, subscribe, headers, timeout,
                         queue_size, open_timeout, close_timeout, overflow, key, ordered,
-                        ping_interval, ping_timeout, max_message_size, reconnect, on_event))]
+                        ping_interval, ping_timeout, max_message_size, reconnect, on_event,
+                        journal = None, journal_sync = "normal"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -597,6 +602,8 @@ impl NativeStream {
         max_message_size: usize,
         reconnect: Option<(Option<u32>, f64, f64, bool)>,
         on_event: Option<Py<PyAny>>,
+        journal: Option<std::path::PathBuf>,
+        journal_sync: &str,
     ) -> PyResult<Self> {
         let seconds = |name: &str, v: f64| {
             Duration::try_from_secs_f64(v).map_err(|_| {
@@ -654,9 +661,18 @@ impl NativeStream {
             })
             .transpose()?;
         config.on_event = on_event.map(event_hook);
+        config.journal = journal
+            .map(|path| {
+                let sync = journal_sync.parse().map_err(PyValueError::new_err)?;
+                Ok::<_, PyErr>(crate::journal::JournalSpec { path, sync })
+            })
+            .transpose()?;
         let close_timeout = config.close_timeout;
         let processor = PyProcessor { handler };
-        let inner = Stream::start(config, processor).map_err(|e| to_pyerr(py, e))?;
+        let describe = Arc::new(crate::py_journal::describe);
+        let inner = py
+            .detach(|| Stream::start_journaled(config, processor, describe))
+            .map_err(|e| to_pyerr(py, e))?;
         Ok(NativeStream {
             inner,
             close_timeout,
@@ -713,6 +729,11 @@ impl NativeStream {
         Ok(done.is_some())
     }
 
+    /// The stream's journal (status queries, recovered jobs); None without `journal=`.
+    fn journal(&self) -> Option<crate::py_journal::PyStreamJournal> {
+        self.inner.journal().map(crate::py_journal::stream_journal)
+    }
+
     /// A snapshot of the counters.
     #[getter]
     fn stats(&self) -> PyStats {
@@ -740,5 +761,6 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyJobResult>()?;
     m.add_class::<PyStats>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    crate::py_journal::register(m)?;
     Ok(())
 }

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from ._native import Job, Result, Stats, __version__
 from ._stream import Event, Reconnect, Stream, consume, run
+from .journal import JobRecord, Journal
 from .exceptions import (
     ConnectError,
     ConnectionClosed,
     DecodeError,
     HandshakeError,
     InternalError,
+    JournalError,
     MessageTooBig,
     Overflow,
     ProtocolError,
@@ -30,6 +32,9 @@ __all__ = [
     "HandshakeError",
     "InternalError",
     "Job",
+    "JobRecord",
+    "Journal",
+    "JournalError",
     "MessageTooBig",
     "Overflow",
     "ProtocolError",
