@@ -350,6 +350,8 @@ pub(crate) enum Out {
 
 struct PyProcessor {
     handler: Option<Py<PyAny>>,
+    /// With a journal: describe each result for it while the handler's GIL is held.
+    journaled: bool,
 }
 
 fn make_job(py: Python<'_>, job: &Job, data: Py<PyAny>) -> PyResult<Py<PyJob>> {
@@ -423,7 +425,12 @@ impl Processor for PyProcessor {
         // try_attach: never attach to an interpreter that is shutting down (the Python side
         // cancels live streams at exit, so this is only a second line of defence).
         let done = Python::try_attach(|py| match finish(py, Some(handler), &job, &decoded) {
-            Ok((result, ok)) => Ok((Out::Done(result), ok)),
+            Ok((result, ok)) => {
+                if self.journaled {
+                    crate::py_journal::remember(result.bind(py).as_any());
+                }
+                Ok((Out::Done(result), ok))
+            }
             Err(e) => Err(format!("cannot build the result of job {}: {e}", job.id)),
         });
         let error = match done {
@@ -668,7 +675,10 @@ impl NativeStream {
             })
             .transpose()?;
         let close_timeout = config.close_timeout;
-        let processor = PyProcessor { handler };
+        let processor = PyProcessor {
+            handler,
+            journaled: config.journal.is_some(),
+        };
         let describe = Arc::new(crate::py_journal::describe);
         let inner = py
             .detach(|| Stream::start_journaled(config, processor, describe))

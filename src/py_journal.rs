@@ -4,6 +4,7 @@
 //! and message). Converts and delegates to `crate::journal`; every query runs with the GIL
 //! released.
 
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -19,6 +20,20 @@ use crate::py::{to_pyerr, Out};
 /// How long a status query waits for the stream's journal writer.
 const QUERY_WAIT: Duration = Duration::from_secs(10);
 
+thread_local! {
+    /// The outcome of the last job this worker ran, described while its handler held the GIL.
+    static DESCRIBED: RefCell<Option<(usize, Outcome)>> = const { RefCell::new(None) };
+}
+
+/// Called by the worker right after the handler, GIL held: describes the result for
+/// [`describe`], which runs just after on the same thread, so the GIL is taken once per job.
+pub(crate) fn remember(result: &Bound<'_, PyAny>) {
+    let outcome = describe_result(result);
+    // Keyed by the result object, which stays alive until `describe` has seen it.
+    let id = result.as_ptr() as usize;
+    DESCRIBED.with(|d| *d.borrow_mut() = Some((id, outcome)));
+}
+
 /// What the journal records about a job from its result: called on the worker, once per job.
 pub(crate) fn describe(out: &Out, ok: bool) -> Outcome {
     match out {
@@ -32,8 +47,14 @@ pub(crate) fn describe(out: &Out, ok: bool) -> Outcome {
             error_type: "InternalError".into(),
             message: e.to_string(),
         },
-        Out::Done(result) => Python::try_attach(|py| describe_result(result.bind(py).as_any()))
-            .unwrap_or_else(|| Outcome::plain(ok)),
+        Out::Done(result) => {
+            let id = result.as_ptr() as usize;
+            match DESCRIBED.with(|d| d.borrow_mut().take()) {
+                Some((described, outcome)) if described == id => outcome,
+                _ => Python::try_attach(|py| describe_result(result.bind(py).as_any()))
+                    .unwrap_or_else(|| Outcome::plain(ok)),
+            }
+        }
     }
 }
 

@@ -77,7 +77,10 @@ def test_every_message_is_written_with_its_outcome(mock_server, tmp_path, thread
             assert record.type == "text" and record.received_at <= record.finished_at
             if seq % 3 == 0:
                 assert status == "done"
-                assert (record.value, record.value_format) == ({"seq": seq, "double": 2 * seq}, "json")
+                assert (record.value, record.value_format) == (
+                    {"seq": seq, "double": 2 * seq},
+                    "json",
+                )
             elif seq % 3 == 1:
                 assert status == "failed"
                 assert (record.error_type, record.error_message) == ("ValueError", f"bad seq {seq}")
@@ -191,9 +194,7 @@ def test_unfinished_jobs_run_first_at_the_next_start_and_ids_go_on(mock_server, 
 
     second = mock_server([{"run": 2, "seq": i} for i in range(5)])
     order = []
-    with wspool.consume(
-        second.url, decode="json", workers=1, journal=path, ordered=True
-    ) as stream:
+    with wspool.consume(second.url, decode="json", workers=1, journal=path, ordered=True) as stream:
         for result in stream:
             order.append((result.job.id, result.job.data["run"]))
     assert stream.recovered == len(left)
@@ -338,12 +339,9 @@ def test_a_file_that_is_not_a_journal_is_refused(mock_server, tmp_path, threads)
     conn.close()
     for path, why in ((garbage, "not an SQLite database"), (other, "another application")):
         before = path.read_bytes()
-        for attempt in (
-            lambda: wspool.consume(server.url, journal=path),
-            lambda: wspool.Journal(path),
-        ):
+        for opener in (lambda p: wspool.consume(server.url, journal=p), wspool.Journal):
             with pytest.raises(wspool.JournalError, match=why) as caught:
-                attempt()
+                opener(path)
             assert caught.value.path == str(path) and str(path) in str(caught.value)
             assert isinstance(caught.value, wspool.WspoolError)
         assert path.read_bytes() == before, "a refused file is left alone"
@@ -366,9 +364,7 @@ def test_a_journal_from_a_newer_wspool_is_refused(mock_server, tmp_path):
 
 def test_a_journal_needs_the_block_policy(mock_server, tmp_path):
     with pytest.raises(ValueError, match="block"):
-        wspool.consume(
-            mock_server(count=1).url, journal=tmp_path / "j.db", overflow="drop_newest"
-        )
+        wspool.consume(mock_server(count=1).url, journal=tmp_path / "j.db", overflow="drop_newest")
     with pytest.raises(ValueError, match="journal_sync"):
         wspool.consume(mock_server(count=1).url, journal=tmp_path / "j.db", journal_sync="x")
 

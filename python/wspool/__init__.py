@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from ._native import Job, Result, Stats, __version__
 from ._stream import Event, Reconnect, Stream, consume, run
-from .journal import JobRecord, Journal
 from .exceptions import (
     ConnectError,
     ConnectionClosed,
@@ -23,6 +22,7 @@ from .exceptions import (
     Timeout,
     WspoolError,
 )
+from .journal import JobRecord, Journal
 
 __all__ = [
     "ConnectError",

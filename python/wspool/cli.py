@@ -245,11 +245,11 @@ def _jobs(args: argparse.Namespace) -> int:
         missing = []
         for job_id in args.ids:
             if args.action == "show":
-                record = journal.get(job_id)
-                if record is None:
+                found = journal.get(job_id)
+                if found is None:
                     missing.append(job_id)
                 else:
-                    out.write(json.dumps(record.as_dict(), default=repr, indent=2) + "\n")
+                    out.write(json.dumps(found.as_dict(), default=repr, indent=2) + "\n")
             else:
                 before = journal.retry(job_id)
                 if before is None:
@@ -257,7 +257,9 @@ def _jobs(args: argparse.Namespace) -> int:
                 else:
                     out.write(f"job {job_id}: {before} -> received (runs at the next start)\n")
         if missing:
-            print(f"wspool: no job {', '.join(map(str, missing))} in {args.journal}", file=sys.stderr)
+            print(
+                f"wspool: no job {', '.join(map(str, missing))} in {args.journal}", file=sys.stderr
+            )
             return 1
         return 0
 
