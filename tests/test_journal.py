@@ -113,9 +113,12 @@ def test_status_moves_received_running_done(mock_server, tmp_path):
     with wspool.consume(
         server.url, handler, decode="json", workers=1, journal=tmp_path / "j.db"
     ) as stream:
-        assert _wait(lambda: stream.status(2) is not None, 5)
-        assert stream.status(0) == "running"
-        assert stream.status(1) == "received" and stream.status(2) == "received"
+        try:
+            assert _wait(lambda: stream.status(2) is not None, 5)
+            assert _wait(lambda: stream.status(0) == "running", 5), stream.status(0)
+            assert stream.status(1) == "received" and stream.status(2) == "received"
+        finally:
+            gate.set()
         record = stream.job_record(0)
         assert record is not None and record.attempts == 1 and record.started_at is not None
         gate.set()
