@@ -56,6 +56,10 @@ pub enum Error {
     /// connection are not here.
     #[error("this stream was started in process {pid}, before os.fork(); it cannot be used in the child process {child}: start a new stream there")]
     Forked { pid: u32, child: u32 },
+    /// The journal (`journal=`) cannot be used: not a wspool journal, a newer schema, or a
+    /// write that failed (a full disk). Never retried: a job not written must not be run.
+    #[error("journal {path}: {message}")]
+    Journal { path: String, message: String },
 
     /// A bug in wspool itself (a panic caught on a native thread).
     #[error("internal error in wspool: {0}")]
@@ -111,6 +115,7 @@ impl Error {
             | Error::Overflow { .. }
             | Error::Callback(_)
             | Error::Forked { .. }
+            | Error::Journal { .. }
             | Error::Internal(_) => false,
         }
     }

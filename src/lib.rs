@@ -5,6 +5,7 @@
 
 pub mod errors;
 pub mod job;
+pub mod journal;
 pub mod json;
 pub mod pool;
 pub mod queue;
@@ -14,6 +15,8 @@ pub mod ws;
 
 #[cfg(feature = "python")]
 mod py;
+#[cfg(feature = "python")]
+mod py_journal;
 
 pub use errors::Error;
 pub use job::{Data, DecodeError, DecodeMode, Job, Kind};

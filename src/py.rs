@@ -25,7 +25,7 @@ use crate::ws::{Heartbeat, Outgoing, Replies, TlsOptions};
 const SLICE: Duration = Duration::from_millis(50);
 
 /// Maps a native error to its `wspool.exceptions` class, with the fields the class carries.
-fn to_pyerr(py: Python<'_>, error: Error) -> PyErr {
+pub(crate) fn to_pyerr(py: Python<'_>, error: Error) -> PyErr {
     let message = error.to_string();
     let build = || -> PyResult<PyErr> {
         let kwargs = PyDict::new(py);
@@ -64,6 +64,10 @@ fn to_pyerr(py: Python<'_>, error: Error) -> PyErr {
                 "Overflow"
             }
             Error::Callback(_) | Error::Forked { .. } => "WspoolError",
+            Error::Journal { path, .. } => {
+                kwargs.set_item("path", path)?;
+                "JournalError"
+            }
             Error::Internal(_) => "InternalError",
         };
         let class = py.import("wspool.exceptions")?.getattr(name)?;
@@ -467,7 +471,7 @@ impl PyStats {
 
 /// What a worker hands back: finished Python results when there is a handler (built on the
 /// worker, which holds the GIL only for that), or native data converted later in batches.
-enum Out {
+pub(crate) enum Out {
     Native(Job, Result<Data, DecodeError>),
     /// A `Select` processor's picks: node indexes into the decoded JSON (or into `own`, the
     /// processor's own parse when `decode=` was not "json").
@@ -980,7 +984,7 @@ impl NativeStream {
     #[pyo3(signature = (url, handler, *, workers, decode, subscribe, headers, timeout,
                         queue_size, open_timeout, close_timeout, overflow, key, ordered,
                         ping_interval, ping_timeout, max_message_size, reconnect, on_event,
-                        ca, reply))]
+                        ca, reply, journal = None, journal_sync = "normal"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -1004,6 +1008,8 @@ impl NativeStream {
         on_event: Option<Py<PyAny>>,
         ca: Option<std::path::PathBuf>,
         reply: bool,
+        journal: Option<std::path::PathBuf>,
+        journal_sync: &str,
     ) -> PyResult<Self> {
         let seconds = |name: &str, v: f64| {
             Duration::try_from_secs_f64(v).map_err(|_| {
@@ -1063,6 +1069,12 @@ impl NativeStream {
         config.on_event = on_event.map(event_hook);
         config.tls = TlsOptions { ca_file: ca };
         config.replies = reply.then(|| Replies::new(config.queue_size));
+        config.journal = journal
+            .map(|path| {
+                let sync = journal_sync.parse().map_err(PyValueError::new_err)?;
+                Ok::<_, PyErr>(crate::journal::JournalSpec { path, sync })
+            })
+            .transpose()?;
         let close_timeout = config.close_timeout;
         let keys = Arc::new(KeyCache::default());
         let mode = match handler {
@@ -1077,7 +1089,11 @@ impl NativeStream {
             keys: keys.clone(),
             replies: config.replies.clone(),
         };
-        let inner = Stream::start(config, processor).map_err(|e| to_pyerr(py, e))?;
+        let describe = Arc::new(crate::py_journal::describe);
+        // Opening a journal reads (and may create) a file: without the GIL.
+        let inner = py
+            .detach(|| Stream::start_journaled(config, processor, describe))
+            .map_err(|e| to_pyerr(py, e))?;
         Ok(NativeStream {
             inner,
             keys,
@@ -1154,6 +1170,11 @@ impl NativeStream {
         Ok(done.is_some())
     }
 
+    /// The stream's journal (status queries, recovered jobs); None without `journal=`.
+    fn journal(&self) -> Option<crate::py_journal::PyStreamJournal> {
+        self.inner.journal().map(crate::py_journal::stream_journal)
+    }
+
     /// A snapshot of the counters.
     #[getter]
     fn stats(&self) -> PyStats {
@@ -1182,6 +1203,7 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySelect>()?;
     m.add_class::<PyStats>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    crate::py_journal::register(m)?;
     // Cargo features compiled in that tests look for ("test-panic": see stream::test_panic).
     let features: &[&str] = if cfg!(feature = "test-panic") {
         &["test-panic"]

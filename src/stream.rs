@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::errors::Error;
 use crate::job::DecodeMode;
+use crate::journal::{self, Describe, JournalSpec, Outcome};
 use crate::pool::{self, Pipes, Processor, Reorder};
 use crate::queue::{JobQueue, Order, Overflow};
 use crate::state::{Shared, StatsSnapshot};
@@ -46,6 +47,8 @@ pub struct Config {
     pub tls: TlsOptions,
     /// `reply=True`: the channel the processor sends replies on (see [`ws::Replies`]).
     pub replies: Option<ws::Replies>,
+    /// Write every job to this SQLite journal before the pool sees it (see `journal`).
+    pub journal: Option<JournalSpec>,
 }
 
 impl Config {
@@ -72,6 +75,7 @@ impl Config {
             on_event: None,
             tls: TlsOptions::default(),
             replies: None,
+            journal: None,
         }
     }
 
@@ -96,6 +100,12 @@ impl Config {
             (Some(k), true) if k.is_empty() => invalid("key must be a non-empty field name"),
             _ => Ok(()),
         }?;
+        if self.journal.is_some() && self.overflow != Overflow::Block {
+            return invalid(
+                "a journal keeps every message: it needs overflow=\"block\" (a dropped message \
+                 would stay unfinished in the journal)",
+            );
+        }
         if let Some(r) = &self.reconnect {
             if r.initial.is_zero() || r.maximum < r.initial {
                 return invalid("reconnect needs 0 < initial <= maximum");
@@ -226,6 +236,7 @@ pub struct Stream<O> {
     /// but none of the threads: there it must neither wait for them nor touch their handles.
     pid: u32,
     replies: Option<ws::Replies>,
+    journal: Option<journal::Link>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -236,11 +247,27 @@ impl<O: Send + 'static> Stream<O> {
     /// Checks the configuration, then starts the workers and the read-loop thread, which
     /// connects in the background: see [`Stream::wait_connected`].
     pub fn start<P: Processor<Output = O>>(config: Config, processor: P) -> Result<Self, Error> {
+        Self::start_journaled(config, processor, Arc::new(|_: &O, ok| Outcome::plain(ok)))
+    }
+
+    /// [`Stream::start`], with `describe` telling the journal (if `config.journal`) what each
+    /// job's output was: its value, or its error's type and message.
+    pub fn start_journaled<P: Processor<Output = O>>(
+        config: Config,
+        processor: P,
+        describe: Describe<O>,
+    ) -> Result<Self, Error> {
         #[cfg(feature = "test-panic")]
         let processor = test_panic::Worker(processor);
         ws::prepare_request(&config.url, &config.headers)?;
         config.check()?;
         let tls = ws::tls_config(&config.tls)?;
+        // Opened (and checked) before any thread starts, so a bad file is refused at once.
+        let journal_setup = config
+            .journal
+            .as_ref()
+            .map(|spec| journal::Setup::open(spec, config.queue_size))
+            .transpose()?;
         let workers = config.workers;
         let replies = config.replies.clone();
         let shared = Arc::new(Shared::new());
@@ -265,13 +292,45 @@ impl<O: Send + 'static> Stream<O> {
             reorder: (config.order == Order::Receipt)
                 .then(|| Arc::new(Reorder::new(config.queue_size))),
         };
-        let mut threads = pool::spawn(
-            config.workers,
-            Arc::new(processor),
-            config.decode,
-            pipes,
-            shared.clone(),
-        )?;
+        let mut threads = match &journal_setup {
+            None => pool::spawn(
+                config.workers,
+                Arc::new(processor),
+                config.decode,
+                pipes,
+                shared.clone(),
+            )?,
+            Some(setup) => pool::spawn(
+                config.workers,
+                Arc::new(setup.wrap(processor, describe)),
+                config.decode,
+                pipes,
+                shared.clone(),
+            )?,
+        };
+        // With a journal, the read loop hands jobs to its writer, which releases them to the
+        // queue once written and closes the queue after the last one.
+        let mut journal_link = None;
+        let mut inserts = None;
+        let mut first_id = 0;
+        if let Some(setup) = journal_setup {
+            first_id = setup.next_id();
+            let key = match (config.overflow, config.order) {
+                (Overflow::Conflate, _) | (_, Order::Key) => config.key.clone(),
+                _ => None,
+            };
+            match setup.spawn(queue.clone(), shared.clone(), key) {
+                Ok((handle, link, tx)) => {
+                    threads.push(handle);
+                    journal_link = Some(link);
+                    inserts = Some(tx);
+                }
+                Err(e) => {
+                    queue.close();
+                    return Err(e);
+                }
+            }
+        }
         let io_shared = shared.clone();
         let spawn_queue = queue.clone();
         let stream_queue = queue.clone();
@@ -282,9 +341,21 @@ impl<O: Send + 'static> Stream<O> {
                 let _guard = guard;
                 let shared = io_shared.clone();
                 let io_queue = queue.clone();
+                // Kept until the end is recorded: the journal writer closes the queue once
+                // every sender of jobs is gone.
+                let journaled = inserts.clone();
                 // A panic here must not leave the consumer believing the stream ended normally.
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    io_main(config, tls, io_queue, control_rx, io_shared, connected_tx)
+                    io_main(
+                        config,
+                        tls,
+                        io_queue,
+                        control_rx,
+                        io_shared,
+                        connected_tx,
+                        inserts,
+                        first_id,
+                    )
                 }));
                 if let Err(payload) = ran {
                     let msg = crate::errors::panic_message(payload.as_ref());
@@ -296,7 +367,10 @@ impl<O: Send + 'static> Stream<O> {
                     shared.on_cancelled_n(queue.discard_all());
                 }
                 // The end (and its error) is recorded: the workers may finish the queue.
-                queue.close();
+                match journaled {
+                    None => queue.close(),
+                    Some(tx) => drop(tx),
+                }
             });
         match io {
             Ok(handle) => threads.push(handle),
@@ -318,6 +392,7 @@ impl<O: Send + 'static> Stream<O> {
             workers,
             pid: std::process::id(),
             replies,
+            journal: journal_link,
         })
     }
 
@@ -511,6 +586,11 @@ impl<O: Send + 'static> Stream<O> {
     pub fn workers(&self) -> usize {
         self.workers
     }
+
+    /// The stream's journal, when it has one: status queries and the recovered jobs.
+    pub fn journal(&self) -> Option<&journal::Link> {
+        self.journal.as_ref()
+    }
 }
 
 /// Every thread a stream starts is named with this prefix.
@@ -544,6 +624,8 @@ fn io_main(
     control: watch::Receiver<Control>,
     shared: Arc<Shared>,
     connected: flume::Sender<Result<(), Error>>,
+    journal: Option<journal::Inserts>,
+    first_id: u64,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -574,8 +656,9 @@ fn io_main(
         close_timeout: config.close_timeout,
         heartbeat: config.heartbeat,
         connection: 0,
-        next_id: 0,
+        next_id: first_id,
         replies: config.replies.clone(),
+        journal,
     };
     runtime.block_on(connections(config, tls, reader, connected));
 }
@@ -753,10 +836,19 @@ mod test_panic {
             self.0.process(job, decoded)
         }
 
-        // One job at a time, so a worker that dies takes only its own job with it (a batch
-        // would take the unstarted jobs of the batch too, uncounted: see the issue 6 note).
+        // As the wrapped processor does, so that the development build runs the same hot path
+        // as the release build. A Python handler goes one job at a time, so a worker killed
+        // there takes only its own job with it.
         fn batchable(&self) -> bool {
-            false
+            self.0.batchable()
+        }
+
+        fn worker(&self, work: &mut (dyn FnMut() + Send)) {
+            self.0.worker(work)
+        }
+
+        fn batch(&self, work: &mut dyn FnMut()) {
+            self.0.batch(work)
         }
 
         fn panicked(&self, job: Job, error: Error) -> P::Output {

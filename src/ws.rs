@@ -491,6 +491,8 @@ pub struct Reader {
     pub next_id: u64,
     /// With `reply=True`: what the workers send back.
     pub replies: Option<Replies>,
+    /// With a journal: its writer takes each job and queues it once written.
+    pub journal: Option<crate::journal::Inserts>,
 }
 
 /// At most this many waiting replies are written before one flush.
@@ -733,6 +735,19 @@ impl Reader {
         ws: &mut WsStream,
         batch: &mut Vec<(Job, Option<Key>)>,
     ) -> Result<(), Stop> {
+        if let Some(journal) = &self.journal {
+            if batch.is_empty() {
+                return Ok(());
+            }
+            // Not interruptible on purpose: a message read must be written. The writer only
+            // waits for the pool (or nothing, once cancelled), as a full queue would.
+            let jobs = std::mem::replace(batch, Vec::with_capacity(READ_BATCH));
+            return journal.send_async(jobs).await.map_err(|_| {
+                Stop::Failed(self.shared.error().unwrap_or_else(|| {
+                    Error::Internal("the journal writer ended before the read loop".into())
+                }))
+            });
+        }
         let mut rest = batch.drain(..);
         let mut dropped = 0;
         let mut full = None;

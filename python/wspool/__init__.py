@@ -15,12 +15,14 @@ from .exceptions import (
     DecodeError,
     HandshakeError,
     InternalError,
+    JournalError,
     MessageTooBig,
     Overflow,
     ProtocolError,
     Timeout,
     WspoolError,
 )
+from .journal import JobRecord, Journal
 
 __all__ = [
     "ConnectError",
@@ -30,6 +32,9 @@ __all__ = [
     "HandshakeError",
     "InternalError",
     "Job",
+    "JobRecord",
+    "Journal",
+    "JournalError",
     "MessageTooBig",
     "Overflow",
     "ProtocolError",

@@ -140,6 +140,8 @@ class NativeStream:
         ],
         ca: Optional[str],
         reply: bool,
+        journal: Optional[str] = None,
+        journal_sync: str = "normal",
     ) -> NativeStream: ...
     def wait_connected(self) -> None:
         """Blocks until the handshake is done; raises ConnectError, HandshakeError or Timeout."""
@@ -157,6 +159,45 @@ class NativeStream:
         """Stop waiting: queued jobs count as cancelled, running ones as abandoned."""
     def join(self, timeout: Optional[float] = None) -> bool:
         """Waits for every native thread to end; True if they did within ``timeout``."""
+    def journal(self) -> Optional[StreamJournal]:
+        """The stream's journal (status queries, recovered jobs); None without ``journal=``."""
     @property
     def stats(self) -> Stats:
         """A snapshot of the counters."""
+
+@final
+class Journal:
+    """An existing wspool journal, opened to read and retry its jobs (use ``wspool.Journal``)."""
+
+    def __new__(cls, path: str) -> Journal: ...
+    @property
+    def path(self) -> str:
+        """The journal's path."""
+    def get(self, id: int) -> Optional[dict[str, Any]]:
+        """The job ``id`` as a dict, or None if the journal has no such job."""
+    def list(self, status: Optional[str] = None, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest ``limit`` jobs (largest id first) as dicts, of one status or of all."""
+    def retry(self, id: int) -> Optional[str]:
+        """Puts job ``id`` back to "received"; returns the status it had, or None."""
+    def counts(self) -> dict[str, int]:
+        """Jobs per status, "total", "rerun" and "duplicates"."""
+    def close(self) -> None:
+        """Closes the file; later calls raise JournalError."""
+
+@final
+class StreamJournal:
+    """A running stream's view of its journal (from ``NativeStream.journal()``)."""
+
+    @property
+    def path(self) -> str:
+        """The journal's path."""
+    @property
+    def to_recover(self) -> int:
+        """Jobs an earlier run left unfinished, that this stream runs first."""
+    @property
+    def recovered(self) -> int:
+        """Of those, the ones already handed to the pool."""
+    def get(self, id: int) -> Optional[dict[str, Any]]:
+        """The job ``id`` as a dict, including every status change made so far; None if unknown."""
+    def status(self, id: int) -> Optional[str]:
+        """The status of job ``id``; None if unknown."""

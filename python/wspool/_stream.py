@@ -21,8 +21,9 @@ from types import TracebackType
 from typing import Any, Callable, Optional, Union
 
 from . import _native
-from ._native import Job, Result, Stats
+from ._native import Job, Result, Select, Stats
 from .exceptions import WspoolError
+from .journal import JobRecord
 
 __all__ = ["Event", "Reconnect", "Stream", "consume", "run"]
 
@@ -201,6 +202,37 @@ class _AsyncHandlers:
             self.loop.close()
 
 
+# Waits between the attempts of a failing handler with retries=N: 0.1 s, 0.2 s, 0.4 s... at most
+# _RETRY_MAX seconds.
+_RETRY_FIRST = 0.1
+_RETRY_MAX = 5.0
+
+
+def _retry_delay(attempt: int) -> float:
+    """The wait before retry number ``attempt`` (1, 2, ...)."""
+    return min(_RETRY_MAX, _RETRY_FIRST * 2 ** (attempt - 1))
+
+
+class _Retrying:
+    """Calls the handler again when it raises an Exception, up to ``retries`` more times, waiting
+    :func:`_retry_delay` between attempts (GIL released); the last exception is the result."""
+
+    def __init__(self, handler: Callable[[Job], Any], retries: int) -> None:
+        self.handler = handler
+        self.retries = retries
+
+    def __call__(self, job: Job) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return self.handler(job)
+            except Exception:
+                if attempt >= self.retries:
+                    raise
+            attempt += 1
+            time.sleep(_retry_delay(attempt))
+
+
 def _is_async(handler: Any) -> bool:
     """An ``async def`` function, or an object whose ``__call__`` is one."""
     call = type(handler).__dict__.get("__call__") if not inspect.isroutine(handler) else None
@@ -347,6 +379,7 @@ class Stream:
         self._joined = False
         self._error: Optional[BaseException] = None
         self._error_raised = False
+        self._journal = native.journal()
         _live.add(self)
 
     # -- iteration ---------------------------------------------------------------------------
@@ -694,6 +727,29 @@ class Stream:
         abandoned, in_flight, bytes, elapsed, workers, threads."""
         return self._native.stats
 
+    def status(self, job_id: int) -> Optional[str]:
+        """The journal status of job ``job_id``: ``"received"``, ``"running"``, ``"done"`` or
+        ``"failed"``; None if the journal has no such job. Sees every status change made so far
+        (a result already delivered is ``"done"`` or ``"failed"``). Needs ``journal=``."""
+        return self._journal_view().status(job_id)
+
+    def job_record(self, job_id: int) -> Optional[JobRecord]:
+        """The journal's :class:`JobRecord` of job ``job_id`` (None if unknown), as
+        :meth:`status` sees it. Needs ``journal=``."""
+        row = self._journal_view().get(job_id)
+        return None if row is None else JobRecord._from_native(row)
+
+    @property
+    def recovered(self) -> int:
+        """Jobs left unfinished in the journal by an earlier run that this stream re-ran
+        (handed to the pool) before any new message; 0 without a journal."""
+        return 0 if self._journal is None else self._journal.recovered
+
+    def _journal_view(self) -> _native.StreamJournal:
+        if self._journal is None:
+            raise ValueError("this stream has no journal: pass journal=path to consume()")
+        return self._journal
+
     @property
     def error(self) -> Optional[BaseException]:
         """The exception that ended the stream abnormally, once it is over; else None."""
@@ -732,6 +788,9 @@ def consume(
     close_timeout: float = 5.0,
     ca: Union[str, os.PathLike[str], None] = None,
     reply: bool = False,
+    journal: Union[str, os.PathLike[str], None] = None,
+    journal_sync: str = "normal",
+    retries: int = 0,
 ) -> Stream:
     """Connects to ``url`` and processes every message on a native worker pool.
 
@@ -792,11 +851,25 @@ def consume(
             echo; JSON as the text it came in). Replies go out in completion order (one worker
             keeps receipt order); one whose connection ended first is dropped and counted in
             ``stats.replies_dropped``; ``stats.replies`` counts the sent ones.
+        journal: path of an SQLite journal (created if missing). Every message is written there
+            with its job id, connection, receipt time and payload before a worker sees it, and
+            its status moves ``received`` -> ``running`` -> ``done`` | ``failed`` (with the
+            handler's value as JSON, or its repr, or the error's type and message). At start,
+            the jobs an earlier run left ``received`` or ``running`` (a crash, a kill, a cancel)
+            run again first (at-least-once), and job ids go on from the largest written. See
+            :meth:`Stream.status` and :class:`wspool.Journal`. Needs ``overflow="block"``.
+        journal_sync: ``"normal"`` (default: a commit survives the process being killed, not
+            a power loss) or ``"full"`` (every commit is fsynced: survives a power loss too, at a
+            cost in throughput).
+        retries: when the handler raises an Exception, call it again up to this many times,
+            waiting 0.1 s, 0.2 s, 0.4 s... (doubling, at most 5 s) in between on its worker; only
+            the last exception becomes ``result.error`` (and the journal's error).
 
     Raises:
         ValueError: an unusable URL or argument (before any thread starts).
         ConnectError: refused, DNS or TLS failure. HandshakeError: the server refused the
-        upgrade (``.status``). Timeout: ``open_timeout`` ran out.
+        upgrade (``.status``). Timeout: ``open_timeout`` ran out. JournalError: ``journal`` is
+        not a wspool journal or was written by a newer wspool (``.path``).
     """
     if handler is not None and not callable(handler):
         raise ValueError(f"handler must be callable or None, not {type(handler).__name__}")
@@ -808,6 +881,10 @@ def consume(
         raise ValueError(f'decode must be "bytes", "text" or "json", not {decode!r}')
     if workers is None:
         workers = os.cpu_count() or 1
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise ValueError(f"retries must be an int >= 0, not {retries!r}")
+    if journal_sync not in ("normal", "full"):
+        raise ValueError(f'journal_sync must be "normal" or "full", not {journal_sync!r}')
     for name, value in (
         ("workers", workers),
         ("queue_size", queue_size),
@@ -856,6 +933,9 @@ def consume(
     if handler is not None and _is_async(handler):
         async_handlers = _AsyncHandlers(handler)
         handler = async_handlers
+    # A native Select never raises (a payload that is not JSON is a DecodeError): no retries.
+    if handler is not None and retries > 0 and not isinstance(handler, Select):
+        handler = _Retrying(handler, retries)
     try:
         native = _native.NativeStream(
             url,
@@ -878,6 +958,8 @@ def consume(
             on_event=native_on_event,
             ca=None if ca is None else os.fspath(ca),
             reply=reply,
+            journal=None if journal is None else os.fspath(journal),
+            journal_sync=journal_sync,
         )
     except BaseException:
         if async_handlers is not None:

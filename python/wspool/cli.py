@@ -4,6 +4,8 @@
   fake piece of work of fixed duration, logging every result under a live progress line.
 - ``wspool consume URL``: consumes a stream and writes one JSON line per result.
 - ``wspool mock``: serves a mock stream until Ctrl-C.
+- ``wspool jobs list|show|retry|stats --journal FILE``: reads a journal (also while a consumer
+  writes to it) and puts jobs back to run again.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from . import __version__
 from ._native import Job, Result, Stats
 from ._stream import consume
 from .exceptions import WspoolError
+from .journal import STATUSES, JobRecord, Journal
 
 __all__ = ["main"]
 
@@ -180,6 +183,8 @@ def _consume(args: argparse.Namespace) -> int:
         key=args.key,
         ordered="key" if args.ordered == "key" else args.ordered == "receipt",
         reconnect=args.reconnect,
+        journal=args.journal,
+        retries=args.retries,
     ) as stream:
         for result in stream:
             job = result.job
@@ -199,6 +204,64 @@ def _consume(args: argparse.Namespace) -> int:
         progress.update(stream.stats, force=True)
         progress.done()
     return 0
+
+
+def _record_line(record: JobRecord) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.received_at))
+    detail = ""
+    if record.status == "failed":
+        detail = f"{record.error_type}: {record.error_message}"
+    elif record.value_format is not None:
+        detail = json.dumps(record.value, default=repr)
+    if len(detail) > 60:
+        detail = detail[:57] + "..."
+    return (
+        f"{record.id:>8}  {record.status:<8}  {record.attempts:>3}  {when}  "
+        f"{len(record.payload):>7}  {detail}"
+    )
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    out = sys.stdout
+    with Journal(args.journal) as journal:
+        if args.action == "list":
+            records = journal.list(status=args.status, limit=args.limit)
+            if args.json:
+                for record in records:
+                    out.write(json.dumps(record.as_dict(), default=repr) + "\n")
+            else:
+                out.write(f"{'id':>8}  {'status':<8}  {'try':>3}  {'received':<19}  {'bytes':>7}\n")
+                for record in records:
+                    out.write(_record_line(record) + "\n")
+            return 0
+        if args.action == "stats":
+            counts = journal.counts()
+            if args.json:
+                out.write(json.dumps(counts) + "\n")
+            else:
+                for name, value in counts.items():
+                    out.write(f"{name:<11}{value}\n")
+            return 0
+        missing = []
+        for job_id in args.ids:
+            if args.action == "show":
+                found = journal.get(job_id)
+                if found is None:
+                    missing.append(job_id)
+                else:
+                    out.write(json.dumps(found.as_dict(), default=repr, indent=2) + "\n")
+            else:
+                before = journal.retry(job_id)
+                if before is None:
+                    missing.append(job_id)
+                else:
+                    out.write(f"job {job_id}: {before} -> received (runs at the next start)\n")
+        if missing:
+            print(
+                f"wspool: no job {', '.join(map(str, missing))} in {args.journal}", file=sys.stderr
+            )
+            return 1
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -256,6 +319,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     cons.add_argument("--reconnect", action="store_true", help="reconnect with backoff after drops")
     cons.add_argument("--progress", action="store_true", help="show a status line on stderr")
+    cons.add_argument("--journal", default=None, help="SQLite journal of durable jobs (FILE)")
+    cons.add_argument(
+        "--retries", type=int, default=0, help="retries of a failing handler (with backoff)"
+    )
+
+    jobs = sub.add_parser("jobs", help="read a journal of durable jobs, retry jobs")
+    actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--journal", required=True, help="the journal file (consume --journal)")
+    lst = actions.add_parser("list", parents=[common], help="the newest jobs, largest id first")
+    lst.add_argument("--status", choices=STATUSES, default=None)
+    lst.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    lst.add_argument("--json", action="store_true", help="one JSON object per line")
+    show = actions.add_parser("show", parents=[common], help="jobs as JSON, payload included")
+    show.add_argument("ids", type=int, nargs="+", metavar="ID")
+    retry = actions.add_parser(
+        "retry", parents=[common], help="put jobs back to received: the next start runs them"
+    )
+    retry.add_argument("ids", type=int, nargs="+", metavar="ID")
+    stats = actions.add_parser("stats", parents=[common], help="jobs per status, duplicates")
+    stats.add_argument("--json", action="store_true", help="one JSON object")
 
     sub.add_parser(
         "mock", help="serve a mock stream until Ctrl-C (see `wspool mock --help`)", add_help=False
@@ -278,6 +362,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "jobs":
+            return _jobs(args)
         return _consume(args)
     except WspoolError as exc:
         print(f"wspool: {type(exc).__name__}: {exc}", file=sys.stderr)

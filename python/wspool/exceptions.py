@@ -15,6 +15,8 @@ the builtin :class:`ValueError` before any thread starts. The tree::
         ├── DecodeError           a payload did not decode              (.job_id, .payload);
         │                         delivered in ``Result.error``, never raised by the iterator;
         │                         also a ValueError
+        ├── JournalError          the journal is not a wspool journal, is newer, or a write
+        │                         failed (a full disk)                  (.path)
         └── InternalError         a bug in wspool (a native panic); the stream goes on or ends
                                   cleanly, never crashes the interpreter
 
@@ -33,6 +35,7 @@ __all__ = [
     "DecodeError",
     "HandshakeError",
     "InternalError",
+    "JournalError",
     "MessageTooBig",
     "Overflow",
     "ProtocolError",
@@ -134,6 +137,22 @@ class DecodeError(WspoolError, ValueError):
         super().__init__(message)
         self.job_id = job_id
         self.payload = payload
+
+
+class JournalError(WspoolError):
+    """The journal (``consume(..., journal=path)`` or :class:`wspool.Journal`) cannot be used.
+
+    Raised when opening a file that is not a wspool journal (another SQLite database, or not a
+    database at all), one written by a newer wspool (a schema this version does not know), or
+    a missing file for :class:`wspool.Journal`; and from the iterator, after the results of the
+    jobs already written, when a write fails (a full disk): the jobs not written are not run and
+    are counted in ``stats.cancelled``, so nothing is lost silently. ``path`` is the journal's
+    path, also named in the message.
+    """
+
+    def __init__(self, message: str, *, path: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class InternalError(WspoolError):
