@@ -796,12 +796,10 @@ impl<P: Processor> Processor for Journaled<P> {
         if self.inner.batchable() {
             // Native work, done in microseconds: `running` is written with `done`.
             self.note(started);
-        } else if let Err(e) = self.updates.try_send(vec![started]) {
-            // User code, which may take long: `running` goes out now, unless the writer is
+        } else if let Err(flume::TrySendError::Full(mut u)) = self.updates.try_send(vec![started]) {
+            // User code, which may take long: `running` goes out at once, unless the writer is
             // behind (then with the rest of the batch; nothing here may wait, the GIL is held).
-            if let flume::TrySendError::Full(mut u) = e {
-                self.note(u.remove(0));
-            }
+            self.note(u.remove(0));
         }
         let (output, ok) = self.inner.process(job, decoded);
         let outcome = (self.describe)(&output, ok);
@@ -858,9 +856,10 @@ pub struct Setup {
     capacity: usize,
 }
 
-/// The channels a stream's read loop uses to hand received jobs to the writer.
-/// The read loop sends each run of messages it read as one batch.
-pub type Inserts = flume::Sender<Vec<(Job, Option<Key>)>>;
+/// A run of messages the read loop read, with their keys: it sends each run as one batch.
+pub type Received = Vec<(Job, Option<Key>)>;
+/// The channel a stream's read loop hands received jobs to the writer on.
+pub type Inserts = flume::Sender<Received>;
 
 impl Setup {
     pub fn open(spec: &JournalSpec, capacity: usize) -> Result<Self, Error> {
@@ -994,7 +993,7 @@ fn checkpoints(journal: &Journal, kicks: &flume::Receiver<()>) {
 }
 
 enum Event {
-    Insert(Result<Vec<(Job, Option<Key>)>, flume::RecvError>),
+    Insert(Result<Received, flume::RecvError>),
     Update(Result<Vec<Update>, flume::RecvError>),
     Query(Result<Query, flume::RecvError>),
     Idle,
@@ -1002,7 +1001,7 @@ enum Event {
 
 struct Writer {
     journal: Journal,
-    inserts: Option<flume::Receiver<Vec<(Job, Option<Key>)>>>,
+    inserts: Option<flume::Receiver<Received>>,
     updates: Option<flume::Receiver<Vec<Update>>>,
     queries: Option<flume::Receiver<Query>>,
     queue: Arc<JobQueue>,

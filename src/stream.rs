@@ -353,8 +353,7 @@ impl<O: Send + 'static> Stream<O> {
                         control_rx,
                         io_shared,
                         connected_tx,
-                        inserts,
-                        first_id,
+                        inserts.map(|tx| (tx, first_id)),
                     )
                 }));
                 if let Err(payload) = ran {
@@ -624,9 +623,10 @@ fn io_main(
     control: watch::Receiver<Control>,
     shared: Arc<Shared>,
     connected: flume::Sender<Result<(), Error>>,
-    journal: Option<journal::Inserts>,
-    first_id: u64,
+    // With a journal: its writer's channel, and the id of the first new message.
+    journal: Option<(journal::Inserts, u64)>,
 ) {
+    let (journal, next_id) = journal.map_or((None, 0), |(tx, first)| (Some(tx), first));
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -656,7 +656,7 @@ fn io_main(
         close_timeout: config.close_timeout,
         heartbeat: config.heartbeat,
         connection: 0,
-        next_id: first_id,
+        next_id,
         replies: config.replies.clone(),
         journal,
     };
