@@ -5,22 +5,26 @@
 //! (at-least-once), and job ids go on from the largest one written. No PyO3 here.
 //!
 //! ```text
-//!  read loop ──(job, key)──▶ bounded inserts channel ──▶ writer thread: one transaction per
-//!                                                          batch, commit, then push the batch
-//!  workers ──Started/Finished──▶ bounded updates channel ─▶   into the job queue
+//!  read loop ──runs of jobs──▶ bounded inserts channel ──▶ writer thread: one transaction per
+//!                                                           group, commit, then push the group
+//!  workers ──a batch's starts/ends──▶ bounded updates ──▶   into the job queue
 //! ```
 //!
-//! Group commit: the writer takes everything waiting (up to [`MAX_BATCH`] inserts and updates)
-//! and writes it in one transaction, so a busy stream pays one commit per batch, not per
-//! message; a quiet one commits each message at once. A `Started` and a `Finished` of the same
-//! job in one batch become one row update. While the job queue is full the writer keeps
-//! applying the workers' updates (they would otherwise wait on it and never free the queue).
+//! Group commit: the writer takes everything waiting (up to [`MAX_BATCH`] jobs and changes)
+//! and writes it in one transaction, so a busy stream pays one commit per group, not per
+//! message; a quiet one commits each message at once. Status changes ride along with the next
+//! jobs, or wait at most `UPDATE_DELAY`. While the job queue is full the writer keeps applying
+//! the workers' changes now and then.
+//!
+//! Storage is shaped for that path (see `SCHEMA`): jobs are packed by group into chunk blobs,
+//! plain `done` jobs (nothing to store) are kept as runs of ids, and only the other states get
+//! rows; the writer remembers what it needs (open chunks, jobs with a row, recent runs).
 //!
 //! Durability: WAL with `synchronous=NORMAL` (default) survives the process being killed at
 //! any point, since a commit is in the OS before the job is released; a power loss may lose the
 //! last commits. `SyncMode::Full` fsyncs every commit and survives that too.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -28,6 +32,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
+use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use crate::errors::Error;
@@ -42,8 +47,8 @@ pub const APPLICATION_ID: i32 = 0x7773_706c;
 pub const SCHEMA_VERSION: i32 = 1;
 /// Most inserts (and, separately, updates) written in one transaction.
 pub const MAX_BATCH: usize = 4096;
-/// Recovered jobs are read from the journal this many at a time.
-const RECOVERY_CHUNK: usize = 512;
+/// Longest that status changes wait to be written while no new job comes (see `Writer::wait`).
+const UPDATE_DELAY: Duration = Duration::from_millis(10);
 
 /// How hard a commit tries to reach the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -196,19 +201,26 @@ pub struct Journal {
     path: PathBuf,
     /// The writer's: told after each commit, so that the checkpoints happen on another thread.
     checkpoints: Option<flume::Sender<()>>,
+    /// The writer's: what it knows of the jobs it wrote and has not seen finish.
+    tracker: Tracker,
 }
 
 const SCHEMA: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE jobs (
-    id INTEGER PRIMARY KEY,
-    connection INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    payload BLOB NOT NULL
+CREATE TABLE chunks (
+    first_id INTEGER PRIMARY KEY,
+    last_id INTEGER NOT NULL,
+    open INTEGER NOT NULL DEFAULT 1,
+    jobs BLOB NOT NULL
+);
+CREATE INDEX chunks_open ON chunks (first_id) WHERE open = 1;
+CREATE TABLE done_runs (
+    first_id INTEGER PRIMARY KEY,
+    last_id INTEGER NOT NULL,
+    finished_at REAL NOT NULL
 );
 CREATE TABLE states (
-    id INTEGER PRIMARY KEY REFERENCES jobs (id),
+    id INTEGER PRIMARY KEY,
     status TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     started_at REAL,
@@ -220,15 +232,190 @@ CREATE TABLE states (
 );
 CREATE INDEX states_pending ON states (id) WHERE status IN ('received', 'running');
 CREATE INDEX states_failed ON states (id) WHERE status = 'failed';
-CREATE VIEW job_status AS SELECT * FROM jobs JOIN states USING (id);
 ";
 
-// A job's row never changes after it is written; its state lives in a small row of its own, so
-// that the updates of a busy stream rewrite little (a grown row would split full pages).
-const COLUMNS: &str =
-    "j.id, j.connection, j.kind, j.received_at, j.payload, s.status, s.attempts, \
-                       s.started_at, s.finished_at, s.value, s.value_format, s.error_type, \
-                       s.error_message FROM jobs j JOIN states s ON s.id = j.id";
+// How the journal stores jobs (the file format, schema 1):
+// - `chunks`: the received messages, written in the runs the writer commits together: ids
+//   `first_id..=last_id`, each job's connection, type, receipt time and payload packed in `jobs`
+//   (see `pack`). A chunk is `open` while some of its jobs are unfinished; recovery reads only
+//   open chunks. A message costs a few bytes in a blob, not a row: that is most of the speed.
+// - `done_runs`: runs of ids that ended `done` with nothing to store (no handler's value),
+//   one run started and finished once.
+// - `states`: every other state a job is in: `running`, `done` with a value, `failed`, and
+//   `received` again (recovered, retried). A job is in at most one of `done_runs` and `states`;
+//   in neither, it is `received`.
+
+/// Most jobs packed in one chunk: a status query reads the job's chunk whole.
+const CHUNK_JOBS: usize = 256;
+/// Per job in a chunk: connection (u32), type (u8), receipt time (f64), payload length (u32).
+const PACKED_HEAD: usize = 4 + 1 + 8 + 4;
+
+fn pack(jobs: &[(Job, Option<Key>)]) -> Vec<u8> {
+    let size = jobs
+        .iter()
+        .map(|(j, _)| PACKED_HEAD + j.payload.len())
+        .sum();
+    let mut out = Vec::with_capacity(size);
+    for (job, _) in jobs {
+        out.extend_from_slice(&job.connection.to_le_bytes());
+        out.push(u8::from(job.kind == Kind::Binary));
+        out.extend_from_slice(&job.received_at.to_le_bytes());
+        out.extend_from_slice(&(job.payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&job.payload);
+    }
+    out
+}
+
+/// The jobs of a chunk, in id order from `first_id`; None if the blob is damaged.
+fn unpack(first_id: u64, blob: &[u8]) -> Option<Vec<Job>> {
+    let mut jobs = Vec::new();
+    let mut at = 0;
+    while at < blob.len() {
+        let head = blob.get(at..at + PACKED_HEAD)?;
+        let len = u32::from_le_bytes(head[13..17].try_into().ok()?) as usize;
+        let payload = blob.get(at + PACKED_HEAD..at + PACKED_HEAD + len)?;
+        jobs.push(Job {
+            id: first_id + jobs.len() as u64,
+            connection: u32::from_le_bytes(head[0..4].try_into().ok()?),
+            kind: if head[4] == 1 {
+                Kind::Binary
+            } else {
+                Kind::Text
+            },
+            received_at: f64::from_le_bytes(head[5..13].try_into().ok()?),
+            payload: Bytes::copy_from_slice(payload),
+        });
+        at += PACKED_HEAD + len;
+    }
+    Some(jobs)
+}
+
+/// A job's row in `states`.
+struct StateRow {
+    status: Status,
+    attempts: u32,
+    started_at: Option<f64>,
+    finished_at: Option<f64>,
+    value: Option<StoredValue>,
+    error_type: Option<String>,
+    error_message: Option<String>,
+}
+
+const STATE_COLUMNS: &str = "status, attempts, started_at, finished_at, value, value_format, \
+                             error_type, error_message";
+
+fn state_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StateRow> {
+    let value = match (
+        r.get::<_, Option<String>>(4)?,
+        r.get::<_, Option<String>>(5)?,
+    ) {
+        (Some(text), format) => Some(StoredValue {
+            text,
+            json: format.as_deref() != Some("repr"),
+        }),
+        (None, _) => None,
+    };
+    Ok(StateRow {
+        status: r.get::<_, String>(0)?.parse().unwrap_or(Status::Received),
+        attempts: r.get(1)?,
+        started_at: r.get(2)?,
+        finished_at: r.get(3)?,
+        value,
+        error_type: r.get(6)?,
+        error_message: r.get(7)?,
+    })
+}
+
+/// The open chunk that recovery re-runs next: its range, and its jobs still to finish.
+pub struct Unfinished {
+    pub first: u64,
+    pub last: u64,
+    pub jobs: Vec<Job>,
+    /// Those of `jobs` that have a `states` row (their next state updates it).
+    pub stated: Vec<u64>,
+}
+
+/// What the writer keeps in memory about the jobs it has not seen finish.
+#[derive(Default)]
+struct Tracker {
+    /// Open chunks: first id -> (last id, jobs not finished).
+    open: BTreeMap<u64, (u64, u64)>,
+    /// Unfinished jobs with a `states` row (started by user code, or recovered with one).
+    stated: HashSet<u64>,
+    /// The latest done runs (first id -> last id), which new runs are merged with.
+    runs: BTreeMap<u64, u64>,
+}
+
+/// Done runs remembered for merging; older ones stay as they are.
+const RECENT_RUNS: usize = 256;
+
+impl Tracker {
+    /// One job of an open chunk finished; the chunk is closed once all of its jobs have.
+    fn finished(&mut self, tx: &rusqlite::Transaction<'_>, id: u64) -> rusqlite::Result<()> {
+        let Some((&first, &mut (last, ref mut left))) = self.open.range_mut(..=id).next_back()
+        else {
+            return Ok(());
+        };
+        if id > last {
+            return Ok(());
+        }
+        *left = left.saturating_sub(1);
+        if *left == 0 {
+            self.open.remove(&first);
+            tx.prepare_cached("UPDATE chunks SET open = 0 WHERE first_id = ?1")?
+                .execute([first as i64])?;
+        }
+        Ok(())
+    }
+
+    /// Records `first..=last` as done, merged with an adjacent recent run on either side. A
+    /// run changed meanwhile by another connection (a retry splits runs) is not merged with.
+    fn add_run(
+        &mut self,
+        tx: &rusqlite::Transaction<'_>,
+        first: u64,
+        last: u64,
+        at: f64,
+    ) -> rusqlite::Result<()> {
+        let mut to = last;
+        if let Some(after) = self.runs.remove(&(last + 1)) {
+            let gone = tx
+                .prepare_cached("DELETE FROM done_runs WHERE first_id = ?1 AND last_id = ?2")?
+                .execute([(last + 1) as i64, after as i64])?;
+            if gone == 1 {
+                to = after;
+            }
+        }
+        let before = self
+            .runs
+            .range(..first)
+            .next_back()
+            .filter(|(_, &l)| l + 1 == first)
+            .map(|(&f, &l)| (f, l));
+        if let Some((f, l)) = before {
+            let grown = tx
+                .prepare_cached(
+                    "UPDATE done_runs SET last_id = ?3, finished_at = ?4 \
+                     WHERE first_id = ?1 AND last_id = ?2",
+                )?
+                .execute(params![f as i64, l as i64, to as i64, at])?;
+            if grown == 1 {
+                self.runs.insert(f, to);
+                return Ok(());
+            }
+            self.runs.remove(&f);
+        }
+        tx.prepare_cached(
+            "INSERT INTO done_runs (first_id, last_id, finished_at) VALUES (?1, ?2, ?3)",
+        )?
+        .execute(params![first as i64, to as i64, at])?;
+        self.runs.insert(first, to);
+        while self.runs.len() > RECENT_RUNS {
+            self.runs.pop_first();
+        }
+        Ok(())
+    }
+}
 
 impl Journal {
     /// Opens the journal at `path`. `create`: make it (and its schema) if the file is missing
@@ -253,6 +440,7 @@ impl Journal {
             conn,
             path: path.to_path_buf(),
             checkpoints: None,
+            tracker: Tracker::default(),
         };
         journal
             .conn
@@ -336,12 +524,12 @@ impl Journal {
             .conn
             .query_row(
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table' \
-                 AND name IN ('jobs', 'states', 'meta')",
+                 AND name IN ('chunks', 'done_runs', 'states', 'meta')",
                 [],
                 |r| r.get(0),
             )
             .map_err(|e| self.sql(e))?;
-        if has_jobs != 3 {
+        if has_jobs != 4 {
             return Err(self.refuse("damaged wspool journal (tables missing)".into()));
         }
         Ok(())
@@ -388,77 +576,323 @@ impl Journal {
     pub fn next_id(&self) -> Result<u64, Error> {
         let max: Option<i64> = self
             .conn
-            .query_row("SELECT max(id) FROM jobs", [], |r| r.get(0))
+            .query_row("SELECT max(last_id) FROM chunks", [], |r| r.get(0))
             .map_err(|e| self.sql(e))?;
         Ok(max.map_or(0, |m| m as u64 + 1))
     }
 
     /// Jobs left `received` or `running`: the ones a start re-runs.
     pub fn pending_count(&self) -> Result<u64, Error> {
-        self.conn
-            .query_row(
-                "SELECT count(*) FROM states WHERE status IN ('received', 'running')",
-                [],
-                |r| r.get::<_, i64>(0),
+        let mut count = 0;
+        let mut after = None;
+        while let Some(chunk) = self.unfinished_after(after)? {
+            after = Some(chunk.first);
+            count += chunk.jobs.len() as u64;
+        }
+        Ok(count)
+    }
+
+    /// The first open chunk after `after` (by first id), with its jobs left `received` or
+    /// `running`, in id order; None when there is no more.
+    pub fn unfinished_after(&self, after: Option<u64>) -> Result<Option<Unfinished>, Error> {
+        let after = after.map_or(-1, |a| a as i64);
+        let chunk = self
+            .conn
+            .prepare_cached(
+                "SELECT first_id, last_id, jobs FROM chunks \
+                 WHERE open = 1 AND first_id > ?1 ORDER BY first_id LIMIT 1",
             )
-            .map(|n| n as u64)
+            .and_then(|mut s| {
+                s.query_row([after], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get::<_, i64>(1)? as u64,
+                        r.get::<_, Vec<u8>>(2)?,
+                    ))
+                })
+                .optional()
+            })
+            .map_err(|e| self.sql(e))?;
+        let Some((first, last, blob)) = chunk else {
+            return Ok(None);
+        };
+        let jobs = self.unpacked(first, &blob)?;
+        let states = self.statuses(first, last)?;
+        let runs = self.runs_within(first, last)?;
+        let mut unfinished = Unfinished {
+            first,
+            last,
+            jobs: Vec::new(),
+            stated: Vec::new(),
+        };
+        for job in jobs {
+            let pending = match states.get(&job.id) {
+                Some(s) => {
+                    let pending = matches!(s, Status::Received | Status::Running);
+                    if pending {
+                        unfinished.stated.push(job.id);
+                    }
+                    pending
+                }
+                None => !runs.iter().any(|&(f, l)| (f..=l).contains(&job.id)),
+            };
+            if pending {
+                unfinished.jobs.push(job);
+            }
+        }
+        Ok(Some(unfinished))
+    }
+
+    /// Marks a chunk as having no unfinished job (recovery skips it).
+    pub fn close_chunk(&self, first: u64) -> Result<(), Error> {
+        self.conn
+            .execute(
+                "UPDATE chunks SET open = 0 WHERE first_id = ?1",
+                [first as i64],
+            )
+            .map(drop)
             .map_err(|e| self.sql(e))
     }
 
-    /// Up to `limit` jobs left `received` or `running` with an id above `after`, by id.
-    pub fn pending_after(&self, after: Option<u64>, limit: usize) -> Result<Vec<Job>, Error> {
-        let after = after.map_or(-1, |a| a as i64);
+    fn unpacked(&self, first: u64, blob: &[u8]) -> Result<Vec<Job>, Error> {
+        unpack(first, blob).ok_or_else(|| {
+            self.refuse(format!(
+                "damaged wspool journal (the chunk of job {first} cannot be read)"
+            ))
+        })
+    }
+
+    /// The `states` statuses of the ids `first..=last`.
+    fn statuses(&self, first: u64, last: u64) -> Result<HashMap<u64, Status>, Error> {
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT j.id, j.kind, j.payload, j.received_at, j.connection \
-                 FROM states s JOIN jobs j ON j.id = s.id \
-                 WHERE s.status IN ('received', 'running') AND s.id > ?1 ORDER BY s.id LIMIT ?2",
-            )
+            .prepare_cached("SELECT id, status FROM states WHERE id BETWEEN ?1 AND ?2")
             .map_err(|e| self.sql(e))?;
         let rows = stmt
-            .query_map(params![after, limit as i64], |r| {
-                Ok(Job {
-                    id: r.get::<_, i64>(0)? as u64,
-                    kind: kind_of(&r.get::<_, String>(1)?),
-                    payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
-                    received_at: r.get(3)?,
-                    connection: r.get(4)?,
-                })
+            .query_map([first as i64, last as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, String>(1)?.parse().unwrap_or(Status::Received),
+                ))
             })
             .map_err(|e| self.sql(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
     }
 
+    /// The done runs that overlap `first..=last`.
+    fn runs_within(&self, first: u64, last: u64) -> Result<Vec<(u64, u64)>, Error> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT first_id, last_id FROM done_runs WHERE first_id <= ?2 AND last_id >= ?1",
+            )
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([first as i64, last as i64], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
+    }
+
+    /// The done run holding `id`: (first, last, finished_at).
+    fn run_of(&self, id: u64) -> Result<Option<(u64, u64, f64)>, Error> {
+        self.conn
+            .prepare_cached(
+                "SELECT first_id, last_id, finished_at FROM done_runs \
+                 WHERE first_id <= ?1 ORDER BY first_id DESC LIMIT 1",
+            )
+            .and_then(|mut s| {
+                s.query_row([id as i64], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get::<_, i64>(1)? as u64,
+                        r.get::<_, f64>(2)?,
+                    ))
+                })
+                .optional()
+            })
+            .map(|run| run.filter(|&(_, last, _)| id <= last))
+            .map_err(|e| self.sql(e))
+    }
+
+    /// The chunk holding `id`: (first, last, packed jobs).
+    fn chunk_of(&self, id: u64) -> Result<Option<(u64, u64, Vec<u8>)>, Error> {
+        self.conn
+            .prepare_cached(
+                "SELECT first_id, last_id, jobs FROM chunks \
+                 WHERE first_id <= ?1 ORDER BY first_id DESC LIMIT 1",
+            )
+            .and_then(|mut s| {
+                s.query_row([id as i64], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get::<_, i64>(1)? as u64,
+                        r.get::<_, Vec<u8>>(2)?,
+                    ))
+                })
+                .optional()
+            })
+            .map(|chunk| chunk.filter(|(_, last, _)| id <= *last))
+            .map_err(|e| self.sql(e))
+    }
+
+    fn state_of(&self, id: u64) -> Result<Option<StateRow>, Error> {
+        self.conn
+            .prepare_cached(&format!("SELECT {STATE_COLUMNS} FROM states WHERE id = ?1"))
+            .and_then(|mut s| s.query_row([id as i64], state_row).optional())
+            .map_err(|e| self.sql(e))
+    }
+
     pub fn get(&self, id: u64) -> Result<Option<Record>, Error> {
-        let Ok(id) = i64::try_from(id) else {
+        if i64::try_from(id).is_err() {
+            return Ok(None);
+        }
+        let Some((first, _, blob)) = self.chunk_of(id)? else {
             return Ok(None);
         };
-        self.conn
-            .query_row(&format!("SELECT {COLUMNS} WHERE s.id = ?1"), [id], record)
-            .optional()
-            .map_err(|e| self.sql(e))
+        let Some(job) = self
+            .unpacked(first, &blob)?
+            .into_iter()
+            .nth((id - first) as usize)
+        else {
+            return Ok(None);
+        };
+        let state = match self.state_of(id)? {
+            Some(s) => s,
+            None => match self.run_of(id)? {
+                Some((_, _, at)) => StateRow {
+                    status: Status::Done,
+                    attempts: 1,
+                    started_at: None,
+                    finished_at: Some(at),
+                    value: None,
+                    error_type: None,
+                    error_message: None,
+                },
+                None => StateRow {
+                    status: Status::Received,
+                    attempts: 0,
+                    started_at: None,
+                    finished_at: None,
+                    value: None,
+                    error_type: None,
+                    error_message: None,
+                },
+            },
+        };
+        Ok(Some(Record {
+            id,
+            connection: job.connection,
+            kind: job.kind,
+            received_at: job.received_at,
+            payload: job.payload.to_vec(),
+            status: state.status,
+            attempts: state.attempts,
+            started_at: state.started_at,
+            finished_at: state.finished_at,
+            value: state.value,
+            error_type: state.error_type,
+            error_message: state.error_message,
+        }))
+    }
+
+    /// Ids from a query that yields them largest first, at most `limit`.
+    fn ids(&self, sql: &str, args: impl rusqlite::Params, limit: usize) -> Result<Vec<u64>, Error> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.sql(e))?;
+        let mut rows = stmt.query(args).map_err(|e| self.sql(e))?;
+        let mut out = Vec::new();
+        while out.len() < limit {
+            match rows.next().map_err(|e| self.sql(e))? {
+                Some(r) => out.push(r.get::<_, i64>(0).map_err(|e| self.sql(e))? as u64),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// The ids of up to `limit` ranges (first, last) from a query that yields them largest
+    /// first, `keep`ing some, largest ids first.
+    fn ids_in_ranges(
+        &self,
+        sql: &str,
+        limit: usize,
+        mut keep: impl FnMut(u64, u64) -> Result<Vec<u64>, Error>,
+    ) -> Result<Vec<u64>, Error> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.sql(e))?;
+        let ranges = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(|e| self.sql(e))?;
+        let mut out = Vec::new();
+        for range in ranges {
+            let (first, last) = range.map_err(|e| self.sql(e))?;
+            for id in keep(first, last)? {
+                if out.len() == limit {
+                    return Ok(out);
+                }
+                out.push(id);
+            }
+        }
+        Ok(out)
     }
 
     /// The newest `limit` jobs (largest ids first), of one status or all.
     pub fn list(&self, status: Option<Status>, limit: usize) -> Result<Vec<Record>, Error> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let (filter, arg) = match status {
-            // Spelled as the partial indexes are, so that SQLite uses them.
-            Some(Status::Received | Status::Running) => (
-                "WHERE s.status IN ('received', 'running') AND s.status = ?2",
-                status,
-            ),
-            Some(Status::Failed) => ("WHERE s.status = 'failed' AND s.status = ?2", status),
-            Some(Status::Done) => ("WHERE s.status = ?2", status),
-            None => ("WHERE ?2 IS NULL", None),
+        let all = |first: u64, last: u64| Ok((first..=last).rev().collect());
+        let stated = |status: &str| {
+            self.ids(
+                "SELECT id FROM states WHERE status = ?1 ORDER BY id DESC",
+                [status],
+                limit,
+            )
         };
-        let sql = format!("SELECT {COLUMNS} {filter} ORDER BY s.id DESC LIMIT ?1");
-        let mut stmt = self.conn.prepare(&sql).map_err(|e| self.sql(e))?;
-        let rows = stmt
-            .query_map(params![limit, arg.map(Status::as_str)], record)
-            .map_err(|e| self.sql(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
+        let mut ids = match status {
+            None => self.ids_in_ranges(
+                "SELECT first_id, last_id FROM chunks ORDER BY first_id DESC",
+                limit,
+                all,
+            )?,
+            Some(s @ (Status::Running | Status::Failed)) => stated(s.as_str())?,
+            Some(Status::Done) => {
+                let mut ids = stated("done")?;
+                ids.extend(self.ids_in_ranges(
+                    "SELECT first_id, last_id FROM done_runs ORDER BY first_id DESC",
+                    limit,
+                    all,
+                )?);
+                ids
+            }
+            Some(Status::Received) => {
+                let mut ids = stated("received")?;
+                // In neither table: received. Only open chunks have such jobs.
+                ids.extend(self.ids_in_ranges(
+                    "SELECT first_id, last_id FROM chunks WHERE open = 1 ORDER BY first_id DESC",
+                    limit,
+                    |first, last| {
+                        let states = self.statuses(first, last)?;
+                        let runs = self.runs_within(first, last)?;
+                        Ok((first..=last)
+                            .rev()
+                            .filter(|id| {
+                                !states.contains_key(id)
+                                    && !runs.iter().any(|&(f, l)| (f..=l).contains(id))
+                            })
+                            .collect())
+                    },
+                )?);
+                ids
+            }
+        };
+        ids.sort_unstable_by(|a, b| b.cmp(a));
+        ids.dedup();
+        ids.truncate(limit);
+        let mut records = Vec::with_capacity(ids.len());
+        for id in ids {
+            records.extend(self.get(id)?);
+        }
+        Ok(records)
     }
 
     /// Puts a job back to `received` (its result and error cleared) so that the next start of
@@ -468,18 +902,64 @@ impl Journal {
         let Some(before) = self.get(id)?.map(|r| r.status) else {
             return Ok(None);
         };
-        self.conn
-            .execute(
+        let run = self.run_of(id)?;
+        let Some((chunk, _, _)) = self.chunk_of(id)? else {
+            return Ok(None);
+        };
+        let path = self.path.display().to_string();
+        let sql = |e: rusqlite::Error| Error::Journal {
+            path: path.clone(),
+            message: format!("cannot write: {e}"),
+        };
+        let tx = self.conn.unchecked_transaction().map_err(sql)?;
+        if let Some((first, last, at)) = run {
+            // Out of its done run (split in two), into a row of its own.
+            tx.execute("DELETE FROM done_runs WHERE first_id = ?1", [first as i64])
+                .map_err(sql)?;
+            for (f, l) in [(first, id.wrapping_sub(1)), (id + 1, last)] {
+                if f <= l && l != u64::MAX {
+                    tx.execute(
+                        "INSERT INTO done_runs (first_id, last_id, finished_at) \
+                         VALUES (?1, ?2, ?3)",
+                        params![f as i64, l as i64, at],
+                    )
+                    .map_err(sql)?;
+                }
+            }
+            tx.execute(
+                "INSERT INTO states (id, status, attempts) VALUES (?1, 'received', 1)",
+                [id as i64],
+            )
+            .map_err(sql)?;
+        } else {
+            tx.execute(
                 "UPDATE states SET status = 'received', finished_at = NULL, value = NULL, \
                  value_format = NULL, error_type = NULL, error_message = NULL WHERE id = ?1",
                 [id as i64],
             )
-            .map_err(|e| self.sql(e))?;
+            .map_err(sql)?;
+        }
+        tx.execute(
+            "UPDATE chunks SET open = 1 WHERE first_id = ?1",
+            [chunk as i64],
+        )
+        .map_err(sql)?;
+        tx.commit().map_err(sql)?;
         Ok(Some(before))
     }
 
     pub fn counts(&self) -> Result<Counts, Error> {
-        let mut counts = Counts::default();
+        let sum = |sql: &str| -> Result<u64, Error> {
+            self.conn
+                .query_row(sql, [], |r| r.get::<_, Option<i64>>(0))
+                .map(|n| n.unwrap_or(0) as u64)
+                .map_err(|e| self.sql(e))
+        };
+        let mut counts = Counts {
+            total: sum("SELECT sum(last_id - first_id + 1) FROM chunks")?,
+            done: sum("SELECT sum(last_id - first_id + 1) FROM done_runs")?,
+            ..Counts::default()
+        };
         let mut stmt = self
             .conn
             .prepare(
@@ -500,20 +980,23 @@ impl Journal {
         for row in rows {
             let (status, n, rerun, extra) = row.map_err(|e| self.sql(e))?;
             match status.parse::<Status>() {
-                Ok(Status::Received) => counts.received += n,
                 Ok(Status::Running) => counts.running += n,
                 Ok(Status::Done) => counts.done += n,
                 Ok(Status::Failed) => counts.failed += n,
-                Err(_) => {}
+                Ok(Status::Received) | Err(_) => {}
             }
-            counts.total += n;
             counts.rerun += rerun;
             counts.duplicates += extra;
         }
+        // Received: every job neither running nor finished (with a row of its own or not).
+        counts.received = counts
+            .total
+            .saturating_sub(counts.running + counts.done + counts.failed);
         Ok(counts)
     }
 
-    /// Writes one batch in one transaction: new jobs as `received`, then the status changes.
+    /// Writes one batch in one transaction: new jobs packed in chunks (as `received`), then
+    /// the status changes. The writer's own: it keeps track of what it wrote (`tracker`).
     fn write(
         &mut self,
         inserts: &[(Job, Option<Key>)],
@@ -527,79 +1010,107 @@ impl Journal {
             path: path.clone(),
             message: format!("cannot write: {e}"),
         };
+        let tracker = &mut self.tracker;
         let tx = self.conn.transaction().map_err(sql)?;
         {
-            let mut insert = tx
+            let mut chunk = tx
                 .prepare_cached(
-                    "INSERT INTO jobs (id, connection, kind, received_at, payload) \
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT INTO chunks (first_id, last_id, open, jobs) VALUES (?1, ?2, 1, ?3)",
                 )
                 .map_err(sql)?;
-            let mut received = tx
-                .prepare_cached("INSERT INTO states (id, status) VALUES (?1, 'received')")
-                .map_err(sql)?;
-            for (job, _) in inserts {
-                insert
-                    .execute(params![
-                        job.id as i64,
-                        job.connection,
-                        job.kind.as_str(),
-                        job.received_at,
-                        &job.payload[..]
-                    ])
+            // A chunk holds consecutive ids (the read loop numbers messages in order).
+            let mut rest = inserts;
+            while let Some((head, _)) = rest.first() {
+                let n = rest
+                    .iter()
+                    .take(CHUNK_JOBS)
+                    .enumerate()
+                    .take_while(|(i, (job, _))| job.id == head.id + *i as u64)
+                    .count();
+                let (these, after) = rest.split_at(n);
+                let last = head.id + n as u64 - 1;
+                chunk
+                    .execute(params![head.id as i64, last as i64, pack(these)])
                     .map_err(sql)?;
-                received.execute([job.id as i64]).map_err(sql)?;
+                tracker.open.insert(head.id, (last, n as u64));
+                rest = after;
             }
             let mut start = tx
                 .prepare_cached(
-                    "UPDATE states SET status = 'running', attempts = attempts + 1, \
-                     started_at = ?2 WHERE id = ?1",
+                    "INSERT INTO states (id, status, attempts, started_at) \
+                     VALUES (?1, 'running', 1, ?2) ON CONFLICT (id) DO UPDATE SET \
+                     status = 'running', attempts = attempts + 1, started_at = ?2",
                 )
                 .map_err(sql)?;
             let mut finish = tx
                 .prepare_cached(
-                    "UPDATE states SET status = ?2, attempts = attempts + ?3, \
+                    "INSERT INTO states (id, status, attempts, started_at, finished_at, value, \
+                     value_format, error_type, error_message) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (id) DO UPDATE SET \
+                     status = ?2, attempts = attempts + ?3, \
                      started_at = coalesce(?4, started_at), finished_at = ?5, value = ?6, \
-                     value_format = ?7, error_type = ?8, error_message = ?9 WHERE id = ?1",
+                     value_format = ?7, error_type = ?8, error_message = ?9",
                 )
                 .map_err(sql)?;
+            let mut done = Vec::new();
+            let mut done_at = 0.0;
             for (id, change) in updates.order.drain(..) {
-                match change.finished {
-                    None => {
-                        start
-                            .execute(params![id as i64, change.started_at])
-                            .map_err(sql)?;
-                    }
-                    Some((at, outcome)) => {
-                        let (status, value, error) = match outcome {
-                            Outcome::Done { value } => (Status::Done, value, None),
-                            Outcome::Failed {
-                                error_type,
-                                message,
-                            } => (Status::Failed, None, Some((error_type, message))),
-                        };
-                        let (text, format) = match value {
-                            Some(v) => (Some(v.text), Some(if v.json { "json" } else { "repr" })),
-                            None => (None, None),
-                        };
-                        let (etype, emsg) = error.unzip();
-                        finish
-                            .execute(params![
-                                id as i64,
-                                status.as_str(),
-                                i64::from(change.started_at.is_some()),
-                                change.started_at,
-                                at,
-                                text,
-                                format,
-                                etype,
-                                emsg
-                            ])
-                            .map_err(sql)?;
-                    }
+                let Some((at, outcome)) = change.finished else {
+                    start
+                        .execute(params![id as i64, change.started_at])
+                        .map_err(sql)?;
+                    tracker.stated.insert(id);
+                    continue;
+                };
+                let stated = tracker.stated.remove(&id);
+                tracker.finished(&tx, id).map_err(sql)?;
+                if !stated
+                    && change.started_at.is_some()
+                    && outcome == (Outcome::Done { value: None })
+                {
+                    done.push(id);
+                    done_at = at;
+                    continue;
                 }
+                let (status, value, error) = match outcome {
+                    Outcome::Done { value } => (Status::Done, value, None),
+                    Outcome::Failed {
+                        error_type,
+                        message,
+                    } => (Status::Failed, None, Some((error_type, message))),
+                };
+                let (text, format) = match value {
+                    Some(v) => (Some(v.text), Some(if v.json { "json" } else { "repr" })),
+                    None => (None, None),
+                };
+                let (etype, emsg) = error.unzip();
+                finish
+                    .execute(params![
+                        id as i64,
+                        status.as_str(),
+                        i64::from(change.started_at.is_some()),
+                        change.started_at,
+                        at,
+                        text,
+                        format,
+                        etype,
+                        emsg
+                    ])
+                    .map_err(sql)?;
             }
             updates.index.clear();
+            done.sort_unstable();
+            let mut i = 0;
+            while i < done.len() {
+                let mut j = i + 1;
+                while j < done.len() && done[j] == done[j - 1] + 1 {
+                    j += 1;
+                }
+                tracker
+                    .add_run(&tx, done[i], done[j - 1], done_at)
+                    .map_err(sql)?;
+                i = j;
+            }
         }
         tx.commit().map_err(sql)?;
         if let Some(kick) = &self.checkpoints {
@@ -621,41 +1132,6 @@ fn is_not_a_database(e: &rusqlite::Error) -> bool {
         e,
         rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::NotADatabase
     )
-}
-
-fn kind_of(s: &str) -> Kind {
-    if s == "binary" {
-        Kind::Binary
-    } else {
-        Kind::Text
-    }
-}
-
-fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
-    let value = match (
-        r.get::<_, Option<String>>(9)?,
-        r.get::<_, Option<String>>(10)?,
-    ) {
-        (Some(text), format) => Some(StoredValue {
-            text,
-            json: format.as_deref() != Some("repr"),
-        }),
-        (None, _) => None,
-    };
-    Ok(Record {
-        id: r.get::<_, i64>(0)? as u64,
-        connection: r.get(1)?,
-        kind: kind_of(&r.get::<_, String>(2)?),
-        received_at: r.get(3)?,
-        payload: r.get(4)?,
-        status: r.get::<_, String>(5)?.parse().unwrap_or(Status::Received),
-        attempts: r.get(6)?,
-        started_at: r.get(7)?,
-        finished_at: r.get(8)?,
-        value,
-        error_type: r.get(11)?,
-        error_message: r.get(12)?,
-    })
 }
 
 /// A status change sent by a worker.
@@ -871,10 +1347,19 @@ impl Setup {
             .pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(|e| journal.sql(e))?;
         let checkpointer = Journal::open(&spec.path, false, spec.sync)?;
+        // The helper thread checkpoints as the stream goes; closing does not (it would copy
+        // and fsync what is left before the stream may end). The WAL holds it meanwhile,
+        // as safely (it is part of the database), and the next checkpoint copies it.
+        for j in [&journal, &checkpointer] {
+            j.conn
+                .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+                .map_err(|e| j.sql(e))?;
+        }
         let next_id = journal.next_id()?;
         let to_recover = journal.pending_count()?;
-        // In batches (a worker's batch, up to 64 jobs, sends one): about `capacity` jobs.
-        let (updates_tx, updates_rx) = flume::bounded(capacity.div_ceil(64).max(8));
+        // In batches: a worker sends one per batch it runs (up to 64 jobs, two changes each,
+        // or one job with a Python handler), and the writer may let them wait UPDATE_DELAY.
+        let (updates_tx, updates_rx) = flume::bounded(capacity.div_ceil(4).max(64));
         Ok(Setup {
             journal,
             checkpointer,
@@ -931,6 +1416,10 @@ impl Setup {
         let checkpoint_guard = shared.thread_guard();
         // Only the workers may keep the updates channel open.
         drop(updates_tx);
+        let room = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| Error::Internal(format!("cannot start the journal writer: {e}")))?;
         let guard = shared.thread_guard();
         let writer = Writer {
             journal,
@@ -943,15 +1432,17 @@ impl Setup {
             pending: Updates::default(),
             asked: Vec::new(),
             recovered,
+            room,
+            written: std::time::Instant::now(),
         };
         let handle = std::thread::Builder::new()
             .name(format!("{}journal", crate::stream::THREAD_PREFIX))
             .spawn(move || {
                 let _guard = guard;
                 let queue = writer.queue.clone();
-                let ran = std::thread::scope(|scope| {
-                    // Without the helper (it could not start), SQLite checkpoints when the
-                    // journal is closed: the WAL only grows meanwhile.
+                std::thread::scope(|scope| {
+                    // Without the helper (it could not start), the WAL only grows until the
+                    // next start's first checkpoint.
                     let _helper = std::thread::Builder::new()
                         .name(format!("{}checkpoint", crate::stream::THREAD_PREFIX))
                         .spawn_scoped(scope, move || {
@@ -959,21 +1450,23 @@ impl Setup {
                             checkpoints(&checkpointer, &kicks);
                         });
                     // When the writer (and its kick sender) is gone, the helper ends.
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run()))
+                    let ran =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run()));
+                    let error = match ran {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(e),
+                        Err(payload) => Some(Error::Internal(format!(
+                            "the journal writer panicked: {}",
+                            crate::errors::panic_message(payload.as_ref())
+                        ))),
+                    };
+                    if let Some(e) = error {
+                        shared.set_error(e);
+                    }
+                    // Whatever happened, the workers may finish what they have (without
+                    // waiting for a checkpoint under way).
+                    queue.close();
                 });
-                let error = match ran {
-                    Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(e),
-                    Err(payload) => Some(Error::Internal(format!(
-                        "the journal writer panicked: {}",
-                        crate::errors::panic_message(payload.as_ref())
-                    ))),
-                };
-                if let Some(e) = error {
-                    shared.set_error(e);
-                }
-                // Whatever happened, the workers may finish what they have.
-                queue.close();
             })
             .map_err(|e| Error::Internal(format!("cannot start the journal thread: {e}")))?;
         Ok((handle, link, inserts_tx))
@@ -988,7 +1481,15 @@ fn checkpoints(journal: &Journal, kicks: &flume::Receiver<()>) {
         let _ = journal
             .conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-        std::thread::sleep(Duration::from_millis(20));
+        // At most one checkpoint every 20 ms; ends at once when the writer does.
+        let next = std::time::Instant::now() + Duration::from_millis(20);
+        loop {
+            match kicks.recv_deadline(next) {
+                Ok(()) => {}
+                Err(flume::RecvTimeoutError::Timeout) => break,
+                Err(flume::RecvTimeoutError::Disconnected) => return,
+            }
+        }
     }
 }
 
@@ -1010,6 +1511,10 @@ struct Writer {
     pending: Updates,
     asked: Vec<Query>,
     recovered: Arc<AtomicU64>,
+    /// Waits for room in the job queue (its signal is async).
+    room: tokio::runtime::Runtime,
+    /// When status changes were last written.
+    written: std::time::Instant,
 }
 
 impl Writer {
@@ -1042,16 +1547,14 @@ impl Writer {
                     break;
                 }
             }
-            let event = self.wait(None);
+            let event = self.wait();
             self.take(event, &mut batch);
             self.gather(&mut batch);
-            self.journal.write(&batch, &mut self.pending)?;
+            self.write(&batch)?;
             self.answer()?;
-            for (job, key) in batch.drain(..) {
-                self.release(job, key)?;
-            }
+            self.release_all(&mut batch)?;
         }
-        self.journal.write(&[], &mut self.pending)?;
+        self.write(&[])?;
         // Questions asked meanwhile are answered; later ones read the file (see `Link::get`).
         if let Some(rx) = self.queries.take() {
             self.asked.extend(rx.drain());
@@ -1059,24 +1562,29 @@ impl Writer {
         self.answer()
     }
 
-    /// Waits for the next event on any open channel (`timeout` None: until one comes).
-    fn wait(&self, timeout: Option<Duration>) -> Event {
+    /// Waits for the next event. While status changes wait in their channel and new jobs may
+    /// still come, only new jobs and questions wake the writer, or [`UPDATE_DELAY`]: a busy
+    /// stream's changes are written with the next jobs, a handful of commits a second at most
+    /// otherwise, not one commit per change.
+    fn wait(&self) -> Event {
+        let defer =
+            self.inserts.is_some() && self.updates.as_ref().is_some_and(|rx| !rx.is_empty());
         let mut selector = flume::Selector::new();
         if let Some(rx) = &self.inserts {
             selector = selector.recv(rx, Event::Insert);
         }
-        if let Some(rx) = &self.updates {
+        if let Some(rx) = self.updates.as_ref().filter(|_| !defer) {
             selector = selector.recv(rx, Event::Update);
         }
         if let Some(rx) = &self.queries {
             selector = selector.recv(rx, Event::Query);
         }
-        match timeout {
-            Some(t) => selector.wait_timeout(t).unwrap_or(Event::Idle),
-            None if self.inserts.is_none() && self.updates.is_none() && self.queries.is_none() => {
-                Event::Idle
-            }
-            None => selector.wait(),
+        if defer {
+            selector.wait_timeout(UPDATE_DELAY).unwrap_or(Event::Idle)
+        } else if self.inserts.is_none() && self.updates.is_none() && self.queries.is_none() {
+            Event::Idle
+        } else {
+            selector.wait()
         }
     }
 
@@ -1140,90 +1648,102 @@ impl Writer {
                 break;
             }
         }
-        self.journal.write(&[], &mut self.pending)?;
+        self.write(&[])?;
         for q in std::mem::take(&mut self.asked) {
             let _ = q.reply.send(self.journal.get(q.id));
         }
         Ok(())
     }
 
-    /// Hands a written job to the pool, waiting while the queue is full. Meanwhile the workers'
-    /// updates keep being written: each job a worker takes sends one, which also wakes this.
-    fn release(&mut self, mut job: Job, mut key: Option<Key>) -> Result<(), Error> {
+    /// Hands written jobs to the pool in order, under one lock per run, waiting while the
+    /// queue is full. Meanwhile questions are answered and the workers' status changes are
+    /// written now and then (every [`UPDATE_DELAY`], or once many wait), not one by one.
+    fn release_all(&mut self, batch: &mut Vec<(Job, Option<Key>)>) -> Result<(), Error> {
+        let mut rest = batch.drain(..);
+        let mut waiting = None;
         loop {
             if self.shared.is_cancelled() {
-                // Stays `received` in the journal: the next start runs it.
-                self.shared.on_cancelled();
+                // They stay `received` in the journal: the next start runs them.
+                let left = waiting.take().into_iter().chain(rest.by_ref()).count() as u64;
+                self.shared.on_cancelled_n(left);
                 return Ok(());
             }
-            match self.queue.try_push(job, key) {
-                Push::Done { dropped } => {
-                    if dropped > 0 {
-                        self.shared.on_dropped(dropped);
+            let mut dropped = 0;
+            {
+                let mut pusher = self.queue.pusher();
+                for (job, key) in waiting.take().into_iter().chain(rest.by_ref()) {
+                    match pusher.try_push(job, key) {
+                        Push::Done { dropped: d } => dropped += d,
+                        // Journaled streams block on a full queue; counted if one ever says so.
+                        Push::Overflow => dropped += 1,
+                        Push::Full(job, key) => {
+                            waiting = Some((job, key));
+                            break;
+                        }
                     }
-                    return Ok(());
                 }
-                // Journaled streams block on a full queue; count it if a policy ever says so.
-                Push::Overflow => {
-                    self.shared.on_dropped(1);
-                    return Ok(());
-                }
-                Push::Full(j, k) => (job, key) = (j, k),
             }
-            let event = match (&self.updates, &self.queries) {
-                (None, None) => {
-                    std::thread::sleep(Duration::from_millis(2));
-                    Event::Idle
-                }
-                _ => self.wait_updates(Duration::from_millis(5)),
-            };
-            if let Event::Insert(_) = event {
-                unreachable_insert();
+            if dropped > 0 {
+                self.shared.on_dropped(dropped);
             }
-            self.take(event, &mut Vec::new());
+            if waiting.is_none() {
+                return Ok(());
+            }
+            // Workers signal room once an eighth of the queue is free.
+            let queue = &self.queue;
+            let _ = self.room.block_on(async {
+                tokio::time::timeout(Duration::from_millis(2), queue.space()).await
+            });
             self.gather_updates();
-            self.journal.write(&[], &mut self.pending)?;
-            self.answer()?;
+            if !self.asked.is_empty()
+                || self.pending.len() >= MAX_BATCH / 2
+                || self.written.elapsed() >= UPDATE_DELAY
+            {
+                self.write(&[])?;
+                self.answer()?;
+            }
         }
     }
 
-    /// Like `wait`, on the updates and the queries only.
-    fn wait_updates(&self, timeout: Duration) -> Event {
-        let mut selector = flume::Selector::new();
-        if let Some(rx) = &self.updates {
-            selector = selector.recv(rx, Event::Update);
-        }
-        if let Some(rx) = &self.queries {
-            selector = selector.recv(rx, Event::Query);
-        }
-        selector.wait_timeout(timeout).unwrap_or(Event::Idle)
+    /// Writes `inserts` and the status changes gathered so far, in one transaction.
+    fn write(&mut self, inserts: &[(Job, Option<Key>)]) -> Result<(), Error> {
+        self.written = std::time::Instant::now();
+        self.journal.write(inserts, &mut self.pending)
     }
 
     /// Re-runs what an earlier run left `received` or `running`, before any new job.
     fn recover(&mut self) -> Result<(), Error> {
         let mut after = None;
-        loop {
-            let chunk = self.journal.pending_after(after, RECOVERY_CHUNK)?;
-            let Some(last) = chunk.last() else {
-                return Ok(());
-            };
-            after = Some(last.id);
-            for job in chunk {
-                self.shared.on_received(job.payload.len());
-                let key = self
-                    .key
-                    .as_deref()
-                    .and_then(|field| extract_key(&job.payload, field));
-                self.release(job, key)?;
-                self.recovered.fetch_add(1, Relaxed);
+        while let Some(chunk) = self.journal.unfinished_after(after)? {
+            after = Some(chunk.first);
+            if chunk.jobs.is_empty() {
+                // Every job finished, but the process ended before the chunk was closed.
+                self.journal.close_chunk(chunk.first)?;
+                continue;
             }
+            let tracker = &mut self.journal.tracker;
+            tracker
+                .open
+                .insert(chunk.first, (chunk.last, chunk.jobs.len() as u64));
+            tracker.stated.extend(chunk.stated);
+            let mut jobs: Vec<_> = chunk
+                .jobs
+                .into_iter()
+                .map(|job| {
+                    self.shared.on_received(job.payload.len());
+                    let key = self
+                        .key
+                        .as_deref()
+                        .and_then(|field| extract_key(&job.payload, field));
+                    (job, key)
+                })
+                .collect();
+            let n = jobs.len() as u64;
+            self.release_all(&mut jobs)?;
+            self.recovered.fetch_add(n, Relaxed);
         }
+        Ok(())
     }
-}
-
-#[inline]
-fn unreachable_insert() {
-    debug_assert!(false, "wait_updates never selects the inserts channel");
 }
 
 #[cfg(test)]
@@ -1568,6 +2088,153 @@ mod tests {
             .unwrap()
             .total;
         assert_eq!(ran, written, "exactly the written jobs ran");
+    }
+
+    fn received(ids: std::ops::Range<u64>) -> Vec<(Job, Option<Key>)> {
+        ids.map(|id| (job(id, b"p"), None)).collect()
+    }
+
+    /// Runs `ids` to the end in one batch: started and finished, with `outcome`.
+    fn finish(j: &mut Journal, ids: &[u64], outcome: &Outcome) {
+        let mut u = Updates::default();
+        for &id in ids {
+            u.add(Update::Started { id, at: 2.0 });
+            u.add(Update::Finished {
+                id,
+                at: 3.0,
+                outcome: outcome.clone(),
+            });
+        }
+        j.write(&[], &mut u).unwrap();
+    }
+
+    fn runs(j: &Journal) -> Vec<(u64, u64)> {
+        let mut stmt = j
+            .conn
+            .prepare("SELECT first_id, last_id FROM done_runs ORDER BY first_id")
+            .unwrap();
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })
+            .unwrap();
+        rows.map(Result::unwrap).collect()
+    }
+
+    #[test]
+    fn chunks_keep_each_job_as_received() {
+        let jobs = vec![
+            (job(7, b""), None),
+            (
+                Job {
+                    kind: Kind::Binary,
+                    connection: 3,
+                    received_at: 12.25,
+                    ..job(8, &[0, 255, 1])
+                },
+                None,
+            ),
+        ];
+        let back = unpack(7, &pack(&jobs)).unwrap();
+        assert_eq!(back.len(), 2);
+        for ((want, _), got) in jobs.iter().zip(&back) {
+            assert_eq!(
+                (
+                    want.id,
+                    want.kind,
+                    want.connection,
+                    want.received_at,
+                    &want.payload
+                ),
+                (
+                    got.id,
+                    got.kind,
+                    got.connection,
+                    got.received_at,
+                    &got.payload
+                )
+            );
+        }
+        assert!(
+            unpack(0, &pack(&jobs)[..20]).is_none(),
+            "a cut blob is refused"
+        );
+    }
+
+    #[test]
+    fn plain_done_jobs_become_few_runs_and_a_retry_splits_one() {
+        let path = temp("runs");
+        let mut j = Journal::open(&path, true, SyncMode::Normal).unwrap();
+        // 600 jobs over three chunks, finished out of order in four batches.
+        j.write(&received(0..600), &mut Updates::default()).unwrap();
+        let done = Outcome::plain(true);
+        finish(&mut j, &(64..128).collect::<Vec<_>>(), &done);
+        finish(&mut j, &(0..64).collect::<Vec<_>>(), &done);
+        finish(&mut j, &(128..590).collect::<Vec<_>>(), &done);
+        let failed = Outcome::Failed {
+            error_type: "ValueError".into(),
+            message: "no".into(),
+        };
+        finish(&mut j, &[590], &failed);
+        assert_eq!(runs(&j), vec![(0, 589)], "adjacent runs are merged");
+        let c = j.counts().unwrap();
+        assert_eq!(
+            (c.total, c.done, c.failed, c.received, c.running),
+            (600, 590, 1, 9, 0)
+        );
+        let r = j.get(300).unwrap().unwrap();
+        assert_eq!(
+            (r.status, r.attempts, r.payload.as_slice()),
+            (Status::Done, 1, &b"p"[..])
+        );
+        assert_eq!(j.get(595).unwrap().unwrap().status, Status::Received);
+        assert_eq!(j.get(590).unwrap().unwrap().status, Status::Failed);
+        assert_eq!(j.get(600).unwrap(), None);
+        // Two chunks are all finished, the third is not: only it is read at the next start.
+        assert_eq!(j.pending_count().unwrap(), 9);
+        assert_eq!(j.unfinished_after(None).unwrap().unwrap().first, 512);
+
+        assert_eq!(j.retry(100).unwrap(), Some(Status::Done));
+        assert_eq!(runs(&j), vec![(0, 99), (101, 589)]);
+        let again = j.get(100).unwrap().unwrap();
+        assert_eq!((again.status, again.attempts), (Status::Received, 1));
+        assert_eq!(j.pending_count().unwrap(), 10, "its chunk is open again");
+        let ids = |status| {
+            j.list(Some(status), 4)
+                .unwrap()
+                .iter()
+                .map(|r| r.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(Status::Received), vec![599, 598, 597, 596]);
+        assert_eq!(ids(Status::Done), vec![589, 588, 587, 586]);
+        assert_eq!(ids(Status::Failed), vec![590]);
+        assert_eq!(j.list(Some(Status::Received), 20).unwrap().len(), 10);
+        assert_eq!(j.list(None, 2).unwrap()[0].id, 599);
+        let c = j.counts().unwrap();
+        assert_eq!((c.done, c.received, c.total), (589, 10, 600));
+        // The next start (a new writer) runs it again: it keeps its own row and counts its
+        // second attempt.
+        drop(j);
+        let mut j = Journal::open(&path, false, SyncMode::Normal).unwrap();
+        let first = j.unfinished_after(None).unwrap().unwrap();
+        assert_eq!((first.first, first.stated.as_slice()), (0, &[100][..]));
+        assert_eq!(
+            first.jobs.iter().map(|job| job.id).collect::<Vec<_>>(),
+            vec![100]
+        );
+        j.tracker.open.insert(first.first, (first.last, 1));
+        j.tracker.stated.extend(first.stated);
+        finish(&mut j, &[100], &done);
+        assert_eq!(
+            j.unfinished_after(None).unwrap().unwrap().first,
+            512,
+            "closed again"
+        );
+        let r = j.get(100).unwrap().unwrap();
+        assert_eq!((r.status, r.attempts), (Status::Done, 2));
+        let c = j.counts().unwrap();
+        assert_eq!((c.done, c.rerun, c.duplicates), (590, 1, 1));
     }
 
     #[test]

@@ -289,8 +289,8 @@ pub struct PyJobResult {
     job: OnceLock<Py<PyJob>>,
     /// The handler's return value; None: the value is the job's data (no handler), or there
     /// is none (an error).
-    value: Option<Py<PyAny>>,
-    error: Option<Py<PyAny>>,
+    pub(crate) value: Option<Py<PyAny>>,
+    pub(crate) error: Option<Py<PyAny>>,
 }
 
 impl PyJobResult {

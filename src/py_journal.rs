@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyString};
 
 use crate::errors::Error;
 use crate::job::Data;
 use crate::journal::{Journal, Link, Outcome, Record, Status, StoredValue, SyncMode};
-use crate::py::{to_pyerr, Out};
+use crate::py::{to_pyerr, Out, PyJobResult};
 
 /// How long a status query waits for the stream's journal writer.
 const QUERY_WAIT: Duration = Duration::from_secs(10);
@@ -52,22 +52,26 @@ pub(crate) fn describe(out: &Out, ok: bool) -> Outcome {
             error_type: "InternalError".into(),
             message: e.to_string(),
         },
-        Out::Done(result) => Python::try_attach(|py| describe_result(result.bind(py).as_any()))
+        Out::Done(result) => Python::try_attach(|py| describe_result(py, result.get()))
             .unwrap_or_else(|| Outcome::plain(ok)),
     }
 }
 
-fn describe_result(result: &Bound<'_, PyAny>) -> Outcome {
+fn describe_result(py: Python<'_>, result: &PyJobResult) -> Outcome {
     let described = || -> PyResult<Outcome> {
-        let error = result.getattr("error")?;
-        if !error.is_none() {
+        if let Some(error) = &result.error {
+            let error = error.bind(py);
             return Ok(Outcome::Failed {
                 error_type: error.get_type().name()?.to_string(),
                 message: error.str().map(|s| s.to_string()).unwrap_or_default(),
             });
         }
+        let value = match &result.value {
+            Some(v) => v.bind(py).clone(),
+            None => py.None().into_bound(py),
+        };
         Ok(Outcome::Done {
-            value: Some(stored_value(&result.getattr("value")?)),
+            value: Some(stored_value(&value)),
         })
     };
     described().unwrap_or_else(|e| Outcome::Failed {
@@ -76,9 +80,30 @@ fn describe_result(result: &Bound<'_, PyAny>) -> Outcome {
     })
 }
 
+/// The JSON text of None, a bool, an int that fits 64 bits or a str, without calling into
+/// `json` (the values handlers return most); None for anything else.
+fn simple_json(value: &Bound<'_, PyAny>) -> Option<String> {
+    if value.is_none() {
+        return Some("null".into());
+    }
+    if let Ok(b) = value.cast_exact::<PyBool>() {
+        return Some(if b.is_true() { "true" } else { "false" }.into());
+    }
+    if let Ok(i) = value.cast_exact::<PyInt>() {
+        return i.extract::<i64>().ok().map(|n| n.to_string());
+    }
+    if let Ok(s) = value.cast_exact::<PyString>() {
+        return serde_json::to_string(&s.to_cow().ok()?).ok();
+    }
+    None
+}
+
 /// The value as JSON (`json.dumps`), or its repr when it does not serialise.
 fn stored_value(value: &Bound<'_, PyAny>) -> StoredValue {
     static DUMPS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    if let Some(text) = simple_json(value) {
+        return StoredValue { text, json: true };
+    }
     let py = value.py();
     let dumps = DUMPS.get_or_try_init(py, || {
         py.import("json")?.getattr("dumps").map(Bound::unbind)
