@@ -759,6 +759,17 @@ mod test_panic {
             false
         }
 
+        // The hooks go to the real processor: left to their defaults, the development build
+        // (where this wrapper is) lost the Python layer's per-thread interpreter state, and
+        // every handler call made and freed one, frame stack included (mmap, munmap).
+        fn worker(&self, work: &mut (dyn FnMut() + Send)) {
+            self.0.worker(work);
+        }
+
+        fn batch(&self, work: &mut dyn FnMut()) {
+            self.0.batch(work);
+        }
+
         fn panicked(&self, job: Job, error: Error) -> P::Output {
             if job.payload.as_ref() == WORKER {
                 panic!("test-panic: a worker dies on purpose");
