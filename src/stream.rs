@@ -250,9 +250,15 @@ impl<O: Send + 'static> Stream<O> {
         );
         // In batches (one per worker hand-over) of at most min(MAX_BATCH, queue_size) results:
         // about queue_size results for cheap jobs, and room for each worker to hand one over.
+        // A processor that is not batchable hands results over one by one: queue_size of them.
+        let per_batch = if processor.batchable() {
+            pool::MAX_BATCH
+        } else {
+            1
+        };
         let result_batches = config
             .queue_size
-            .div_ceil(pool::MAX_BATCH)
+            .div_ceil(per_batch)
             .max(config.workers)
             .max(2);
         let (results_tx, results_rx) = flume::bounded::<Vec<O>>(result_batches);
