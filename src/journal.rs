@@ -1278,8 +1278,22 @@ thread_local! {
 }
 
 impl<P: Processor> Journaled<P> {
+    /// Sends a change at once (user code: its result is handed on right after the job, and the
+    /// change must be on its way first), or keeps it for the end of the batch (native work).
     fn note(&self, update: Update) {
-        BATCH_UPDATES.with(|b| b.borrow_mut().push(update));
+        if self.inner.batchable() {
+            BATCH_UPDATES.with(|b| b.borrow_mut().push(update));
+        } else if let Err(flume::TrySendError::Full(updates)) = self.updates.try_send(vec![update])
+        {
+            // The writer is behind: wait for it, without the GIL.
+            let mut updates = Some(updates);
+            self.inner.unlocked(&mut || {
+                if let Some(u) = updates.take() {
+                    // Fails only once the writer is gone (a journal error, reported already).
+                    let _ = self.updates.send(u);
+                }
+            });
+        }
     }
 }
 
@@ -1292,15 +1306,9 @@ impl<P: Processor> Processor for Journaled<P> {
         decoded: Result<crate::job::Data, crate::job::DecodeError>,
     ) -> (Self::Output, bool) {
         let id = job.id;
-        let started = Update::Started { id, at: unix_now() };
-        if self.inner.batchable() {
-            // Native work, done in microseconds: `running` is written with `done`.
-            self.note(started);
-        } else if let Err(flume::TrySendError::Full(mut u)) = self.updates.try_send(vec![started]) {
-            // User code, which may take long: `running` goes out at once, unless the writer is
-            // behind (then with the rest of the batch; nothing here may wait, the GIL is held).
-            self.note(u.remove(0));
-        }
+        // Native work, done in microseconds, gets `running` written with `done`; user code,
+        // which may take long, gets it written on its own.
+        self.note(Update::Started { id, at: unix_now() });
         let (output, ok) = self.inner.process(job, decoded);
         let outcome = (self.describe)(&output, ok);
         self.note(Update::Finished {
@@ -1317,6 +1325,10 @@ impl<P: Processor> Processor for Journaled<P> {
 
     fn worker(&self, work: &mut (dyn FnMut() + Send)) {
         self.inner.worker(work)
+    }
+
+    fn unlocked(&self, wait: &mut (dyn FnMut() + Send)) {
+        self.inner.unlocked(wait)
     }
 
     fn batch(&self, work: &mut dyn FnMut()) {

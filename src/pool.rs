@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::errors::{panic_message, Error};
 use crate::job::{decode, Data, DecodeError, DecodeMode, Job};
-use crate::queue::{JobQueue, Popped};
+use crate::queue::{JobQueue, Key, Popped};
 use crate::state::Shared;
 
 /// What the pool runs on each job. `process` is called on a worker thread, never on the thread
@@ -35,10 +35,19 @@ pub trait Processor: Send + Sync + 'static {
         work();
     }
 
-    /// Runs `work`, which processes one batch of jobs one by one. An implementation may set up
-    /// once per batch what every job needs (the Python layer takes the GIL here).
+    /// Runs `work`, which processes one batch of jobs one by one (for a processor that is not
+    /// [`batchable`](Processor::batchable): a run of jobs taken one at a time, each result
+    /// handed on as soon as it is made). An implementation may set up once per batch what
+    /// every job needs (the Python layer takes the GIL here). `work` never waits for anything
+    /// but the jobs themselves.
     fn batch(&self, work: &mut dyn FnMut()) {
         work();
+    }
+
+    /// Runs `wait`, something that may block, from inside a batch: without what
+    /// [`batch`](Processor::batch) set up for it (the Python layer lets the GIL go).
+    fn unlocked(&self, wait: &mut (dyn FnMut() + Send)) {
+        wait();
     }
 
     /// The result for a job whose processing panicked; the worker goes on.
@@ -116,6 +125,23 @@ impl<O> Outlet<'_, O> {
             }
         }
     }
+
+    /// Hands one job's result on if that needs no waiting: `Ok(false)` once nobody takes
+    /// results. `Err` gives the result back when handing it on would wait: the result queue is
+    /// full, or with `ordered=True` (the window may wait for another worker's result).
+    fn try_put(&self, output: Option<O>) -> Result<bool, Option<O>> {
+        if self.reorder.is_some() {
+            return Err(output);
+        }
+        let Some(output) = output else {
+            return Ok(true);
+        };
+        match self.results.try_send(vec![output]) {
+            Ok(()) => Ok(true),
+            Err(flume::TrySendError::Full(mut back)) => Err(back.pop()),
+            Err(flume::TrySendError::Disconnected(_)) => Ok(false),
+        }
+    }
 }
 
 fn work<P: Processor>(
@@ -128,6 +154,9 @@ fn work<P: Processor>(
     // Runs until the read loop has stopped and the queue is empty, so that the read loop is
     // never left blocked on a full queue; after a cancel, or once nobody reads results, the jobs
     // still queued are only counted.
+    if !processor.batchable() {
+        return work_one_by_one(processor, mode, queue, outlet, shared);
+    }
     let mut consumer_gone = false;
     let mut popped = Vec::with_capacity(MAX_BATCH);
     // Recent time per job, in nanoseconds (a moving average over batches); starts pessimistic
@@ -142,7 +171,12 @@ fn work<P: Processor>(
         processor.batch(&mut || {
             // Timed inside the batch: what the batch set up (the GIL) is not the jobs' cost.
             let started = std::time::Instant::now();
+            let mut unrun = Unrun {
+                shared,
+                left: popped.len() as u64,
+            };
             for Popped { job, slot, key } in popped.drain(..) {
+                unrun.left -= 1;
                 let output = if consumer_gone || shared.is_cancelled() {
                     shared.on_cancelled();
                     None
@@ -164,6 +198,78 @@ fn work<P: Processor>(
         // After the results are out, so results of one key keep their order.
         for key in keys {
             queue.done(key);
+        }
+    }
+}
+
+/// The loop of a processor that is not batchable (user code, which may block for long): jobs
+/// are taken one at a time and each result is handed on as soon as it is made, so a job that
+/// hangs holds back only itself. While another job is ready and the hand-over needs no
+/// waiting, the worker goes on to it within the same `batch` (the Python layer keeps the GIL):
+/// letting the GIL go after every job handed it to another waiting thread each time, two
+/// context switches per job. A run ends after [`MAX_BATCH`] jobs or [`BATCH_BUDGET`], so the
+/// worker never keeps the GIL long from the thread that takes the results.
+fn work_one_by_one<P: Processor>(
+    processor: &P,
+    mode: DecodeMode,
+    queue: &JobQueue,
+    outlet: &Outlet<'_, P::Output>,
+    shared: &Shared,
+) {
+    let mut consumer_gone = false;
+    while let Some(first) = queue.pop() {
+        let mut next = Some(first);
+        // The result that could not be handed on without waiting: it ends the run and is
+        // handed on after it (outside `batch`: without the GIL).
+        let mut held: Option<(u64, Option<P::Output>, Option<Key>)> = None;
+        processor.batch(&mut || {
+            let started = std::time::Instant::now();
+            let mut ran = 0;
+            while let Some(Popped { job, slot, key }) = next.take() {
+                let output = if consumer_gone || shared.is_cancelled() {
+                    shared.on_cancelled();
+                    None
+                } else {
+                    Some(run_one(processor, mode, job, shared))
+                };
+                match outlet.try_put(output) {
+                    Ok(alive) => consumer_gone |= !alive,
+                    Err(output) => {
+                        held = Some((slot, output, key));
+                        return;
+                    }
+                }
+                // After the result is out, so results of one key keep their order.
+                if let Some(key) = key {
+                    queue.done(key);
+                }
+                ran += 1;
+                if ran < MAX_BATCH && started.elapsed() < BATCH_BUDGET {
+                    next = queue.try_pop();
+                }
+            }
+        });
+        if let Some((slot, output, key)) = held {
+            consumer_gone |= !outlet.put(vec![(slot, output)]);
+            if let Some(key) = key {
+                queue.done(key);
+            }
+        }
+    }
+}
+
+/// The jobs of a batch not run yet: should the worker die of a bug (a panic outside the
+/// per-job guard), they are counted as cancelled as it unwinds, so that every received job
+/// stays accounted for.
+struct Unrun<'a> {
+    shared: &'a Shared,
+    left: u64,
+}
+
+impl Drop for Unrun<'_> {
+    fn drop(&mut self) {
+        if self.left > 0 {
+            self.shared.on_cancelled_n(self.left);
         }
     }
 }
@@ -307,6 +413,40 @@ mod tests {
         }
     }
 
+    /// Echo taking jobs one at a time (as user code does), counting its `batch` calls; a job
+    /// whose payload is "hang" waits until `release` is dropped.
+    struct OneByOne {
+        batches: std::sync::atomic::AtomicUsize,
+        hang: Option<flume::Receiver<()>>,
+    }
+    impl Processor for OneByOne {
+        type Output = Out;
+        fn process(&self, job: Job, decoded: Result<Data, DecodeError>) -> (Out, bool) {
+            if let (b"hang", Some(rx)) = (job.payload.as_ref(), &self.hang) {
+                let _ = rx.recv();
+            }
+            Echo.process(job, decoded)
+        }
+        fn batchable(&self) -> bool {
+            false
+        }
+        fn batch(&self, work: &mut dyn FnMut()) {
+            self.batches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            work();
+        }
+        fn panicked(&self, job: Job, error: Error) -> Out {
+            Echo.panicked(job, error)
+        }
+    }
+
+    fn one_by_one(hang: Option<flume::Receiver<()>>) -> Arc<OneByOne> {
+        Arc::new(OneByOne {
+            batches: Default::default(),
+            hang,
+        })
+    }
+
     fn job(id: u64, payload: &'static [u8]) -> Job {
         Job {
             id,
@@ -331,6 +471,21 @@ mod tests {
         flume::Receiver<Vec<Out>>,
         Vec<JoinHandle<()>>,
     ) {
+        pool_of(Arc::new(Echo), workers, capacity, order, mode, shared)
+    }
+
+    fn pool_of<P: Processor<Output = Out>>(
+        processor: Arc<P>,
+        workers: usize,
+        capacity: usize,
+        order: Order,
+        mode: DecodeMode,
+        shared: &Arc<Shared>,
+    ) -> (
+        Arc<JobQueue>,
+        flume::Receiver<Vec<Out>>,
+        Vec<JoinHandle<()>>,
+    ) {
         let queue = Arc::new(JobQueue::new(capacity, Overflow::Block, order));
         let (rtx, rrx) = flume::bounded(4);
         let pipes = Pipes {
@@ -338,7 +493,7 @@ mod tests {
             results: rtx,
             reorder: (order == Order::Receipt).then(|| Arc::new(Reorder::new(capacity))),
         };
-        let handles = spawn(workers, Arc::new(Echo), mode, pipes, shared.clone()).unwrap();
+        let handles = spawn(workers, processor, mode, pipes, shared.clone()).unwrap();
         (queue, rrx, handles)
     }
 
@@ -475,5 +630,151 @@ mod tests {
         let s = shared.snapshot();
         assert_eq!(s.processed + s.cancelled, 5);
         assert_eq!(s.threads, 0);
+    }
+
+    #[test]
+    fn one_by_one_a_hung_job_holds_back_only_itself() {
+        // Two workers, job 3 hangs: every other result comes out meanwhile, including those
+        // its worker made earlier in the same run.
+        let (release, hang) = flume::bounded::<()>(0);
+        let shared = Arc::new(Shared::new());
+        let processor = one_by_one(Some(hang));
+        let (queue, rrx, handles) = pool_of(
+            processor,
+            2,
+            64,
+            Order::Completion,
+            DecodeMode::Bytes,
+            &shared,
+        );
+        for i in 0..20 {
+            push(&queue, job(i, if i == 3 { b"hang" } else { b"x" }), None);
+        }
+        queue.close();
+        let mut ids: Vec<u64> = Vec::new();
+        while ids.len() < 19 {
+            let batch = rrx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("the other results while one job hangs");
+            ids.extend(batch.into_iter().map(|r| r.unwrap().0));
+        }
+        assert!(rrx.recv_timeout(Duration::from_millis(50)).is_err());
+        drop(release);
+        ids.extend(rrx.iter().flatten().map(|r| r.unwrap().0));
+        handles.into_iter().for_each(|h| h.join().unwrap());
+        ids.sort_unstable();
+        assert_eq!(ids, (0..20).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn one_by_one_runs_ready_jobs_in_one_batch_call() {
+        // 200 jobs already queued, results drained as they come: the worker goes from one job
+        // to the next within one `batch` (one GIL acquisition in the Python layer) rather than
+        // one per job.
+        let shared = Arc::new(Shared::new());
+        let processor = one_by_one(None);
+        let queue = Arc::new(JobQueue::new(256, Overflow::Block, Order::Completion));
+        for i in 0..200 {
+            push(&queue, job(i, b"x"), None);
+        }
+        queue.close();
+        let (rtx, rrx) = flume::bounded(256);
+        let pipes = Pipes {
+            queue: queue.clone(),
+            results: rtx,
+            reorder: None,
+        };
+        let handles = spawn(
+            1,
+            processor.clone(),
+            DecodeMode::Bytes,
+            pipes,
+            shared.clone(),
+        )
+        .unwrap();
+        // Every result handed over on its own, in order (one worker).
+        let batches: Vec<Vec<Out>> = rrx.iter().collect();
+        handles.into_iter().for_each(|h| h.join().unwrap());
+        assert!(batches.iter().all(|b| b.len() == 1));
+        let ids: Vec<u64> = batches
+            .into_iter()
+            .flatten()
+            .map(|r| r.unwrap().0)
+            .collect();
+        assert_eq!(ids, (0..200).collect::<Vec<_>>());
+        let calls = processor.batches.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(calls <= 100, "{calls} batch calls for 200 jobs");
+    }
+
+    #[test]
+    fn one_by_one_keeps_every_order_and_count() {
+        // The hand-over that would wait (full result queue, reorder window) ends a run and
+        // happens outside it: results in receipt order, per key, and cancelled jobs counted.
+        let shared = Arc::new(Shared::new());
+        let (queue, rrx, handles) = pool_of(
+            one_by_one(None),
+            3,
+            8,
+            Order::Receipt,
+            DecodeMode::Bytes,
+            &shared,
+        );
+        let feeder = std::thread::spawn(move || {
+            for i in 0..300 {
+                let payload: &'static [u8] = if i % 7 == 0 { b"slow" } else { b"x" };
+                push(&queue, job(i, payload), None);
+            }
+            queue.close();
+        });
+        let ids: Vec<u64> = rrx.iter().flatten().map(|r| r.unwrap().0).collect();
+        feeder.join().unwrap();
+        handles.into_iter().for_each(|h| h.join().unwrap());
+        assert_eq!(ids, (0..300).collect::<Vec<_>>());
+
+        let shared = Arc::new(Shared::new());
+        let (queue, rrx, handles) = pool_of(
+            one_by_one(None),
+            3,
+            16,
+            Order::Key,
+            DecodeMode::Bytes,
+            &shared,
+        );
+        let feeder = std::thread::spawn(move || {
+            for i in 0..200u64 {
+                let payload: &'static [u8] = if i % 5 == 0 { b"slow" } else { b"x" };
+                push(&queue, job(i, payload), Some((i % 3).to_string().into()));
+            }
+            queue.close();
+        });
+        let ids: Vec<u64> = rrx.iter().flatten().map(|r| r.unwrap().0).collect();
+        feeder.join().unwrap();
+        handles.into_iter().for_each(|h| h.join().unwrap());
+        assert_eq!(ids.len(), 200);
+        for k in 0..3 {
+            let of_key: Vec<u64> = ids.iter().copied().filter(|i| i % 3 == k).collect();
+            assert!(
+                of_key.windows(2).all(|w| w[0] < w[1]),
+                "key {k}: {of_key:?}"
+            );
+        }
+
+        let shared = Arc::new(Shared::new());
+        shared.set_cancelled();
+        let (queue, rrx, handles) = pool_of(
+            one_by_one(None),
+            2,
+            10,
+            Order::Completion,
+            DecodeMode::Bytes,
+            &shared,
+        );
+        for i in 0..10 {
+            push(&queue, job(i, b"1"), None);
+        }
+        queue.close();
+        handles.into_iter().for_each(|h| h.join().unwrap());
+        assert_eq!(rrx.iter().flatten().count(), 0);
+        assert_eq!(shared.snapshot().cancelled, 10);
     }
 }

@@ -695,6 +695,12 @@ impl Processor for PyProcessor {
         }
     }
 
+    fn unlocked(&self, wait: &mut (dyn FnMut() + Send)) {
+        if Python::try_attach(|py| py.detach(&mut *wait)).is_none() {
+            wait();
+        }
+    }
+
     fn panicked(&self, job: Job, error: Error) -> Out {
         Out::Panicked(job, error)
     }

@@ -275,20 +275,9 @@ impl JobQueue {
         let mut st = self.lock();
         loop {
             let share = st.len.div_ceil(self.consumers).clamp(1, max.max(1));
-            while out.len() < share {
-                let Some(entry) = st.runnable.pop_front() else {
-                    break;
-                };
-                if let Some(popped) = self.take(&mut st, entry) {
-                    out.push(popped);
-                }
-            }
+            self.take_up_to(&mut st, share, out);
             if !out.is_empty() {
-                let wake_reader = st.len + self.low_water <= self.capacity;
-                drop(st);
-                if wake_reader {
-                    self.space.notify_one();
-                }
+                self.taken(st);
                 return true;
             }
             if st.closed && st.len == 0 {
@@ -298,6 +287,38 @@ impl JobQueue {
             st.idle += 1;
             st = self.ready.wait(st).unwrap_or_else(PoisonError::into_inner);
             st.idle -= 1;
+        }
+    }
+
+    /// Takes the next runnable job if there is one, without waiting: a worker going on from
+    /// one job to the next without letting go of what its jobs need (the GIL).
+    pub fn try_pop(&self) -> Option<Popped> {
+        let mut st = self.lock();
+        let mut one = Vec::with_capacity(1);
+        self.take_up_to(&mut st, 1, &mut one);
+        let popped = one.pop()?;
+        self.taken(st);
+        Some(popped)
+    }
+
+    /// Moves up to `n` runnable jobs into `out`.
+    fn take_up_to(&self, st: &mut State, n: usize, out: &mut Vec<Popped>) {
+        while out.len() < n {
+            let Some(entry) = st.runnable.pop_front() else {
+                break;
+            };
+            if let Some(popped) = self.take(st, entry) {
+                out.push(popped);
+            }
+        }
+    }
+
+    /// After jobs were taken: lets the lock go and wakes the read loop if it waits for room.
+    fn taken(&self, st: MutexGuard<'_, State>) {
+        let wake_reader = st.len + self.low_water <= self.capacity;
+        drop(st);
+        if wake_reader {
+            self.space.notify_one();
         }
     }
 
@@ -430,6 +451,22 @@ mod tests {
             }
         }
         dropped
+    }
+
+    #[test]
+    fn try_pop_takes_a_ready_job_and_never_waits() {
+        let q = JobQueue::new(4, Overflow::Block, Order::Key);
+        assert!(q.try_pop().is_none());
+        push_all(&q, [(0, key("a")), (1, key("a")), (2, key("b"))]);
+        let first = q.try_pop().expect("a ready job");
+        assert_eq!((first.job.id, first.slot), (0, 0));
+        // Key "a" is busy until done: "b" is the only one ready.
+        assert_eq!(q.try_pop().map(|p| (p.job.id, p.slot)), Some((2, 1)));
+        assert!(q.try_pop().is_none());
+        q.done("a".into());
+        assert_eq!(q.try_pop().map(|p| p.job.id), Some(1));
+        q.close();
+        assert!(q.try_pop().is_none());
     }
 
     #[test]

@@ -277,9 +277,15 @@ impl<O: Send + 'static> Stream<O> {
         );
         // In batches (one per worker hand-over) of at most min(MAX_BATCH, queue_size) results:
         // about queue_size results for cheap jobs, and room for each worker to hand one over.
+        // A processor that is not batchable hands results over one by one: queue_size of them.
+        let per_batch = if processor.batchable() {
+            pool::MAX_BATCH
+        } else {
+            1
+        };
         let result_batches = config
             .queue_size
-            .div_ceil(pool::MAX_BATCH)
+            .div_ceil(per_batch)
             .max(config.workers)
             .max(2);
         let (results_tx, results_rx) = flume::bounded::<Vec<O>>(result_batches);
@@ -843,12 +849,19 @@ mod test_panic {
             self.0.batchable()
         }
 
+        // The hooks go to the real processor: left to their defaults, the development build
+        // (where this wrapper is) lost the Python layer's per-thread interpreter state, and
+        // every handler call made and freed one, frame stack included (mmap, munmap).
         fn worker(&self, work: &mut (dyn FnMut() + Send)) {
-            self.0.worker(work)
+            self.0.worker(work);
         }
 
         fn batch(&self, work: &mut dyn FnMut()) {
-            self.0.batch(work)
+            self.0.batch(work);
+        }
+
+        fn unlocked(&self, wait: &mut (dyn FnMut() + Send)) {
+            self.0.unlocked(wait);
         }
 
         fn panicked(&self, job: Job, error: Error) -> P::Output {

@@ -271,8 +271,11 @@ fn a_slow_consumer_stops_the_reading() {
     .expect("start");
     connected(&stream);
     // Pull nothing for 200 ms: the result queue fills, then the job queue, then reading stops
-    // (and TCP pushes back on the server).
-    let bound = (QUEUE * 2 + WORKERS + 4) as u64;
+    // (and TCP pushes back on the server). Read by then, at most: the result queue (QUEUE
+    // results when the worker hands them over one by one, as with a slow job), the job queue
+    // (QUEUE, one more at a stop), the read loop's run (never more than the queue holds) and
+    // one job in each worker's hand.
+    let bound = (QUEUE * 3 + WORKERS + 1) as u64;
     let pause = Instant::now();
     let mut samples = Vec::new();
     while pause.elapsed() < Duration::from_millis(200) {
