@@ -102,7 +102,7 @@ def scenarios(n: Optional[int], quick: bool) -> dict[str, Scenario]:
     count of ``count``, ``json`` and ``cpu``."""
     small = n or (20_000 if quick else 500_000)
     wsc = min(small, 10_000 if quick else 50_000)  # websocket-client: ~25k msgs/s at best
-    cpu = n or (20_000 if quick else 200_000)  # wspool with a Python handler: ~35k msgs/s
+    cpu = n or (20_000 if quick else 200_000)  # a Python handler per message: fewer than count
     large = 2_000 if quick else 50_000
     return {
         "ref": Scenario("ref", 20_000 if quick else 200_000, caps=(("websocket-client", wsc),)),
@@ -364,7 +364,17 @@ def machine() -> list[str]:
         except metadata.PackageNotFoundError:
             versions.append(f"{dist} (not installed)")
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    try:
+        from wspool import _native
+
+        features = ", ".join(_native.__features__) or "none"
+        build = f"- wspool build: cargo features beyond the default: {features}"
+        if "test-panic" in _native.__features__:
+            build += " (a development build, `make dev`: use `make install` to measure)"
+    except ImportError:
+        build = "- wspool build: not importable here"
     return [
+        build,
         f"- cores: {os.cpu_count()} (`os.cpu_count()`), CPU: {model}",
         f"- Python {platform.python_version()} ({platform.python_implementation()}), "
         f"{platform.system()} {platform.release()}",
