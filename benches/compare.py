@@ -424,12 +424,14 @@ How to read this:
   (its pure-Python UTF-8 validation makes it slow: its N is capped, see the N column; its rate
   is steady, so the figure stays comparable). All asyncio clients run on the default asyncio
   loop (no uvloop).
-- wspool: `wspool.consume(url, handler, decode=...)` iterated result by result (the current API
-  has no batch iteration). `ref`/`count`/`large` use `decode="bytes"` (measured faster than
-  `"text"` for `count`, equal for `large`), `json`/`latency` `decode="json"` without a handler,
-  `cpu` `decode="json"` with a Python handler (no native processors yet), `work` a Python
-  handler with `workers=16`. Default workers = `os.cpu_count()`; `wspool-w1` is the same with
-  `workers=1`.
+- wspool: `wspool.consume(url, handler, decode=...)` drained a list at a time
+  (`stream.batches()`), each result checked in Python. `ref`/`count`/`large` use
+  `decode="bytes"` (measured faster than `"text"` for `count`, equal for `large`),
+  `json`/`latency` `decode="json"` without a handler, `cpu` `decode="json"` with a Python
+  handler, and `wspool-native` the native processor `wspool.Select("seq", "v", "pad")` (JSON
+  decoded and fields picked on the workers without the GIL; the arithmetic in Python), `work`
+  a Python handler with `workers=16`. Default workers = `os.cpu_count()`; `wspool-w1` is the
+  same with `workers=1`.
 - `work`: peers on asyncio run 16 worker tasks fed by an `asyncio.Queue` (`await
   asyncio.sleep(0.002)`); websocket-client a `ThreadPoolExecutor(16)` (`time.sleep`); ideal
   time = N x 2 ms / 16.
@@ -487,8 +489,9 @@ DESCRIPTIONS = {
         "ideal = N x 2 ms / 16."
     ),
     "cpu": (
-        "Each message decoded and `seq % 7 * v + len(pad)` computed and summed. wspool runs "
-        'this in a Python handler on its pool (`decode="json"`); no native processor yet.'
+        "Each message decoded and `seq % 7 * v + len(pad)` computed and summed. `wspool` runs "
+        'this in a Python handler on its pool (`decode="json"`); `wspool-native` has '
+        '`wspool.Select("seq", "v", "pad")` decode and pick natively, then does the arithmetic.'
     ),
     "latency": (
         "Paced at 10,000 msgs/s; latency = server send stamp to decoded dict in the client's hand."

@@ -1587,6 +1587,16 @@ impl Writer {
             let event = self.wait();
             self.take(event, &mut batch);
             self.gather(&mut batch);
+            // Status changes alone wait (see `wait`) unless many are pending or it is time.
+            let due = !batch.is_empty()
+                || !self.asked.is_empty()
+                || self.inserts.is_none()
+                || self.updates.is_none()
+                || self.pending.len() >= MAX_BATCH / 2
+                || self.written.elapsed() >= UPDATE_DELAY;
+            if !due {
+                continue;
+            }
             self.write(&batch)?;
             self.answer()?;
             self.release_all(&mut batch)?;
@@ -1607,7 +1617,8 @@ impl Writer {
         // Not once the channel is half full: workers would soon wait on it.
         let defer = self.inserts.is_some()
             && self.updates.as_ref().is_some_and(|rx| {
-                !rx.is_empty() && rx.len() < rx.capacity().unwrap_or(usize::MAX) / 2
+                (!rx.is_empty() || !self.pending.is_empty())
+                    && rx.len() < rx.capacity().unwrap_or(usize::MAX) / 2
             });
         let mut selector = flume::Selector::new();
         if let Some(rx) = &self.inserts {
@@ -1620,7 +1631,8 @@ impl Writer {
             selector = selector.recv(rx, Event::Query);
         }
         if defer {
-            selector.wait_timeout(UPDATE_DELAY).unwrap_or(Event::Idle)
+            let left = UPDATE_DELAY.saturating_sub(self.written.elapsed());
+            selector.wait_timeout(left).unwrap_or(Event::Idle)
         } else if self.inserts.is_none() && self.updates.is_none() && self.queries.is_none() {
             Event::Idle
         } else {
