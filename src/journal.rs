@@ -266,28 +266,38 @@ fn pack(jobs: &[(Job, Option<Key>)]) -> Vec<u8> {
     out
 }
 
-/// The jobs of a chunk, in id order from `first_id`; None if the blob is damaged.
-fn unpack(first_id: u64, blob: &[u8]) -> Option<Vec<Job>> {
+/// The jobs of a chunk that `keep` wants (by id), in id order from `first_id`; None if the blob
+/// is damaged. Only their payloads are copied.
+fn unpack(first_id: u64, blob: &[u8], mut keep: impl FnMut(u64) -> bool) -> Option<Vec<Job>> {
     let mut jobs = Vec::new();
     let mut at = 0;
+    let mut id = first_id;
     while at < blob.len() {
         let head = blob.get(at..at + PACKED_HEAD)?;
         let len = u32::from_le_bytes(head[13..17].try_into().ok()?) as usize;
         let payload = blob.get(at + PACKED_HEAD..at + PACKED_HEAD + len)?;
-        jobs.push(Job {
-            id: first_id + jobs.len() as u64,
-            connection: u32::from_le_bytes(head[0..4].try_into().ok()?),
-            kind: if head[4] == 1 {
-                Kind::Binary
-            } else {
-                Kind::Text
-            },
-            received_at: f64::from_le_bytes(head[5..13].try_into().ok()?),
-            payload: Bytes::copy_from_slice(payload),
-        });
+        if keep(id) {
+            jobs.push(Job {
+                id,
+                connection: u32::from_le_bytes(head[0..4].try_into().ok()?),
+                kind: if head[4] == 1 {
+                    Kind::Binary
+                } else {
+                    Kind::Text
+                },
+                received_at: f64::from_le_bytes(head[5..13].try_into().ok()?),
+                payload: Bytes::copy_from_slice(payload),
+            });
+        }
         at += PACKED_HEAD + len;
+        id += 1;
     }
     Some(jobs)
+}
+
+/// Whether a done run covers `id`.
+fn covered(runs: &[(u64, u64)], id: u64) -> bool {
+    runs.iter().any(|&(f, l)| (f..=l).contains(&id))
 }
 
 /// A job's row in `states`.
@@ -640,7 +650,7 @@ impl Journal {
         let Some((first, last, blob)) = chunk else {
             return Ok(None);
         };
-        let jobs = self.unpacked(first, &blob)?;
+        let jobs = self.unpacked(first, &blob, |_| true)?;
         let states = self.statuses(first, last)?;
         let runs = self.runs_within(first, last)?;
         let mut unfinished = Unfinished {
@@ -658,7 +668,7 @@ impl Journal {
                     }
                     pending
                 }
-                None => !runs.iter().any(|&(f, l)| (f..=l).contains(&job.id)),
+                None => !covered(&runs, job.id),
             };
             if pending {
                 unfinished.jobs.push(job);
@@ -678,8 +688,13 @@ impl Journal {
             .map_err(|e| self.sql(e))
     }
 
-    fn unpacked(&self, first: u64, blob: &[u8]) -> Result<Vec<Job>, Error> {
-        unpack(first, blob).ok_or_else(|| {
+    fn unpacked(
+        &self,
+        first: u64,
+        blob: &[u8],
+        keep: impl FnMut(u64) -> bool,
+    ) -> Result<Vec<Job>, Error> {
+        unpack(first, blob, keep).ok_or_else(|| {
             self.refuse(format!(
                 "damaged wspool journal (the chunk of job {first} cannot be read)"
             ))
@@ -721,43 +736,36 @@ impl Journal {
 
     /// The done run holding `id`: (first, last, finished_at).
     fn run_of(&self, id: u64) -> Result<Option<(u64, u64, f64)>, Error> {
-        self.conn
-            .prepare_cached(
-                "SELECT first_id, last_id, finished_at FROM done_runs \
-                 WHERE first_id <= ?1 ORDER BY first_id DESC LIMIT 1",
-            )
-            .and_then(|mut s| {
-                s.query_row([id as i64], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)? as u64,
-                        r.get::<_, i64>(1)? as u64,
-                        r.get::<_, f64>(2)?,
-                    ))
-                })
-                .optional()
-            })
-            .map(|run| run.filter(|&(_, last, _)| id <= last))
-            .map_err(|e| self.sql(e))
+        self.range_holding("SELECT first_id, last_id, finished_at FROM done_runs", id)
     }
 
     /// The chunk holding `id`: (first, last, packed jobs).
     fn chunk_of(&self, id: u64) -> Result<Option<(u64, u64, Vec<u8>)>, Error> {
+        self.range_holding("SELECT first_id, last_id, jobs FROM chunks", id)
+    }
+
+    /// The row of a table of id ranges (`select`: its first_id, last_id and one more column)
+    /// whose range holds `id`: the one starting last at or before it, if it reaches that far.
+    fn range_holding<T: rusqlite::types::FromSql>(
+        &self,
+        select: &str,
+        id: u64,
+    ) -> Result<Option<(u64, u64, T)>, Error> {
         self.conn
-            .prepare_cached(
-                "SELECT first_id, last_id, jobs FROM chunks \
-                 WHERE first_id <= ?1 ORDER BY first_id DESC LIMIT 1",
-            )
+            .prepare_cached(&format!(
+                "{select} WHERE first_id <= ?1 ORDER BY first_id DESC LIMIT 1"
+            ))
             .and_then(|mut s| {
                 s.query_row([id as i64], |r| {
                     Ok((
                         r.get::<_, i64>(0)? as u64,
                         r.get::<_, i64>(1)? as u64,
-                        r.get::<_, Vec<u8>>(2)?,
+                        r.get::<_, T>(2)?,
                     ))
                 })
                 .optional()
             })
-            .map(|chunk| chunk.filter(|(_, last, _)| id <= *last))
+            .map(|row| row.filter(|(_, last, _)| id <= *last))
             .map_err(|e| self.sql(e))
     }
 
@@ -775,11 +783,7 @@ impl Journal {
         let Some((first, _, blob)) = self.chunk_of(id)? else {
             return Ok(None);
         };
-        let Some(job) = self
-            .unpacked(first, &blob)?
-            .into_iter()
-            .nth((id - first) as usize)
-        else {
+        let Some(job) = self.unpacked(first, &blob, |i| i == id)?.pop() else {
             return Ok(None);
         };
         let state = match self.state_of(id)? {
@@ -899,10 +903,7 @@ impl Journal {
                         let runs = self.runs_within(first, last)?;
                         Ok((first..=last)
                             .rev()
-                            .filter(|id| {
-                                !states.contains_key(id)
-                                    && !runs.iter().any(|&(f, l)| (f..=l).contains(id))
-                            })
+                            .filter(|id| !states.contains_key(id) && !covered(&runs, *id))
                             .collect())
                     },
                 )?);
@@ -2187,7 +2188,7 @@ mod tests {
                 None,
             ),
         ];
-        let back = unpack(7, &pack(&jobs)).unwrap();
+        let back = unpack(7, &pack(&jobs), |_| true).unwrap();
         assert_eq!(back.len(), 2);
         for ((want, _), got) in jobs.iter().zip(&back) {
             assert_eq!(
@@ -2208,8 +2209,13 @@ mod tests {
             );
         }
         assert!(
-            unpack(0, &pack(&jobs)[..20]).is_none(),
+            unpack(0, &pack(&jobs)[..20], |_| true).is_none(),
             "a cut blob is refused"
+        );
+        let one = unpack(7, &pack(&jobs), |id| id == 8).unwrap();
+        assert_eq!(
+            (one.len(), one[0].id, &one[0].payload[..]),
+            (1, 8, &[0, 255, 1][..])
         );
     }
 
