@@ -497,6 +497,48 @@ mod tests {
         (queue, rrx, handles)
     }
 
+    /// Feeds `jobs` from another thread as the read loop does, then closes the queue; returns
+    /// the ids of the (successful) results in the order they came, once every worker ended.
+    fn run_all(
+        queue: Arc<JobQueue>,
+        rrx: flume::Receiver<Vec<Out>>,
+        handles: Vec<JoinHandle<()>>,
+        jobs: Vec<(Job, Option<Key>)>,
+    ) -> Vec<u64> {
+        let feeder = std::thread::spawn(move || {
+            for (job, key) in jobs {
+                push(&queue, job, key);
+            }
+            queue.close();
+        });
+        let ids = rrx.iter().flatten().map(|r| r.unwrap().0).collect();
+        feeder.join().unwrap();
+        handles.into_iter().for_each(|h| h.join().unwrap());
+        ids
+    }
+
+    /// 200 jobs on 3 keys (id % 3), every fifth one slow.
+    fn keyed_jobs() -> Vec<(Job, Option<Key>)> {
+        (0..200u64)
+            .map(|i| {
+                let payload: &'static [u8] = if i % 5 == 0 { b"slow" } else { b"x" };
+                (job(i, payload), Some((i % 3).to_string().into()))
+            })
+            .collect()
+    }
+
+    /// All of [`keyed_jobs`] came, each key's in receipt order.
+    fn assert_per_key_order(ids: &[u64]) {
+        assert_eq!(ids.len(), 200);
+        for k in 0..3 {
+            let of_key: Vec<u64> = ids.iter().copied().filter(|i| i % 3 == k).collect();
+            assert!(
+                of_key.windows(2).all(|w| w[0] < w[1]),
+                "key {k}: {of_key:?}"
+            );
+        }
+    }
+
     /// Pushes, waiting while the queue is full, as the read loop does.
     fn push(queue: &JobQueue, mut job: Job, mut key: Option<Key>) {
         loop {
@@ -581,24 +623,7 @@ mod tests {
     fn per_key_order_holds_within_each_key() {
         let shared = Arc::new(Shared::new());
         let (queue, rrx, handles) = pool(4, 16, Order::Key, DecodeMode::Bytes, &shared);
-        let feeder = std::thread::spawn(move || {
-            for i in 0..200u64 {
-                let payload: &'static [u8] = if i % 5 == 0 { b"slow" } else { b"x" };
-                push(&queue, job(i, payload), Some((i % 3).to_string().into()));
-            }
-            queue.close();
-        });
-        let ids: Vec<u64> = rrx.iter().flatten().map(|r| r.unwrap().0).collect();
-        feeder.join().unwrap();
-        handles.into_iter().for_each(|h| h.join().unwrap());
-        assert_eq!(ids.len(), 200);
-        for k in 0..3 {
-            let of_key: Vec<u64> = ids.iter().copied().filter(|i| i % 3 == k).collect();
-            assert!(
-                of_key.windows(2).all(|w| w[0] < w[1]),
-                "key {k}: {of_key:?}"
-            );
-        }
+        assert_per_key_order(&run_all(queue, rrx, handles, keyed_jobs()));
     }
 
     #[test]
@@ -719,16 +744,10 @@ mod tests {
             DecodeMode::Bytes,
             &shared,
         );
-        let feeder = std::thread::spawn(move || {
-            for i in 0..300 {
-                let payload: &'static [u8] = if i % 7 == 0 { b"slow" } else { b"x" };
-                push(&queue, job(i, payload), None);
-            }
-            queue.close();
-        });
-        let ids: Vec<u64> = rrx.iter().flatten().map(|r| r.unwrap().0).collect();
-        feeder.join().unwrap();
-        handles.into_iter().for_each(|h| h.join().unwrap());
+        let jobs = (0..300)
+            .map(|i| (job(i, if i % 7 == 0 { b"slow" } else { b"x" }), None))
+            .collect();
+        let ids = run_all(queue, rrx, handles, jobs);
         assert_eq!(ids, (0..300).collect::<Vec<_>>());
 
         let shared = Arc::new(Shared::new());
@@ -740,24 +759,7 @@ mod tests {
             DecodeMode::Bytes,
             &shared,
         );
-        let feeder = std::thread::spawn(move || {
-            for i in 0..200u64 {
-                let payload: &'static [u8] = if i % 5 == 0 { b"slow" } else { b"x" };
-                push(&queue, job(i, payload), Some((i % 3).to_string().into()));
-            }
-            queue.close();
-        });
-        let ids: Vec<u64> = rrx.iter().flatten().map(|r| r.unwrap().0).collect();
-        feeder.join().unwrap();
-        handles.into_iter().for_each(|h| h.join().unwrap());
-        assert_eq!(ids.len(), 200);
-        for k in 0..3 {
-            let of_key: Vec<u64> = ids.iter().copied().filter(|i| i % 3 == k).collect();
-            assert!(
-                of_key.windows(2).all(|w| w[0] < w[1]),
-                "key {k}: {of_key:?}"
-            );
-        }
+        assert_per_key_order(&run_all(queue, rrx, handles, keyed_jobs()));
 
         let shared = Arc::new(Shared::new());
         shared.set_cancelled();
