@@ -617,13 +617,42 @@ impl Journal {
 
     /// Jobs left `received` or `running`: the ones a start re-runs.
     pub fn pending_count(&self) -> Result<u64, Error> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT first_id, last_id FROM chunks WHERE open = 1")
+            .map_err(|e| self.sql(e))?;
+        let chunks = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(|e| self.sql(e))?;
         let mut count = 0;
-        let mut after = None;
-        while let Some(chunk) = self.unfinished_after(after)? {
-            after = Some(chunk.first);
-            count += chunk.jobs.len() as u64;
+        for chunk in chunks {
+            let (first, last) = chunk.map_err(|e| self.sql(e))?;
+            count += self.unfinished_in(first, last)?.0.len() as u64;
         }
         Ok(count)
+    }
+
+    /// The ids of `first..=last` left `received` or `running`, and those of them that have a
+    /// `states` row.
+    fn unfinished_in(&self, first: u64, last: u64) -> Result<(Vec<u64>, Vec<u64>), Error> {
+        let states = self.statuses(first, last)?;
+        let runs = self.runs_within(first, last)?;
+        let mut ids = Vec::new();
+        let mut stated = Vec::new();
+        for id in first..=last {
+            match states.get(&id) {
+                Some(Status::Received | Status::Running) => {
+                    ids.push(id);
+                    stated.push(id);
+                }
+                Some(_) => {}
+                None if !covered(&runs, id) => ids.push(id),
+                None => {}
+            }
+        }
+        Ok((ids, stated))
     }
 
     /// The first open chunk after `after` (by first id), with its jobs left `received` or
@@ -650,31 +679,15 @@ impl Journal {
         let Some((first, last, blob)) = chunk else {
             return Ok(None);
         };
-        let jobs = self.unpacked(first, &blob, |_| true)?;
-        let states = self.statuses(first, last)?;
-        let runs = self.runs_within(first, last)?;
-        let mut unfinished = Unfinished {
+        let (ids, stated) = self.unfinished_in(first, last)?;
+        // Only the unfinished jobs' payloads are copied out of the chunk.
+        let jobs = self.unpacked(first, &blob, |id| ids.binary_search(&id).is_ok())?;
+        Ok(Some(Unfinished {
             first,
             last,
-            jobs: Vec::new(),
-            stated: Vec::new(),
-        };
-        for job in jobs {
-            let pending = match states.get(&job.id) {
-                Some(s) => {
-                    let pending = matches!(s, Status::Received | Status::Running);
-                    if pending {
-                        unfinished.stated.push(job.id);
-                    }
-                    pending
-                }
-                None => !covered(&runs, job.id),
-            };
-            if pending {
-                unfinished.jobs.push(job);
-            }
-        }
-        Ok(Some(unfinished))
+            jobs,
+            stated,
+        }))
     }
 
     /// Marks a chunk as having no unfinished job (recovery skips it).
@@ -899,11 +912,11 @@ impl Journal {
                     "SELECT first_id, last_id FROM chunks WHERE open = 1 ORDER BY first_id DESC",
                     limit,
                     |first, last| {
-                        let states = self.statuses(first, last)?;
-                        let runs = self.runs_within(first, last)?;
-                        Ok((first..=last)
+                        let (unfinished, stated) = self.unfinished_in(first, last)?;
+                        Ok(unfinished
+                            .into_iter()
                             .rev()
-                            .filter(|id| !states.contains_key(id) && !covered(&runs, *id))
+                            .filter(|id| stated.binary_search(id).is_err())
                             .collect())
                     },
                 )?);
