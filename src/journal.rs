@@ -1603,11 +1603,9 @@ impl Writer {
             self.gather(&mut batch);
             // Status changes alone wait (see `wait`) unless many are pending or it is time.
             let due = !batch.is_empty()
-                || !self.asked.is_empty()
                 || self.inserts.is_none()
                 || self.updates.is_none()
-                || self.pending.len() >= MAX_BATCH / 2
-                || self.written.elapsed() >= UPDATE_DELAY;
+                || self.changes_due();
             if !due {
                 continue;
             }
@@ -1761,14 +1759,19 @@ impl Writer {
                 tokio::time::timeout(Duration::from_millis(2), queue.space()).await
             });
             self.gather_updates();
-            if !self.asked.is_empty()
-                || self.pending.len() >= MAX_BATCH / 2
-                || self.written.elapsed() >= UPDATE_DELAY
-            {
+            if self.changes_due() {
                 self.write(&[])?;
                 self.answer()?;
             }
         }
+    }
+
+    /// Whether the status changes gathered so far must be written now, with no new job to
+    /// write them with: a question waits for them, many are pending, or it is time.
+    fn changes_due(&self) -> bool {
+        !self.asked.is_empty()
+            || self.pending.len() >= MAX_BATCH / 2
+            || self.written.elapsed() >= UPDATE_DELAY
     }
 
     /// Writes `inserts` and the status changes gathered so far, in one transaction.
