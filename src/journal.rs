@@ -17,8 +17,9 @@
 //! the workers' changes now and then.
 //!
 //! Storage is shaped for that path (see `SCHEMA`): jobs are packed by group into chunk blobs,
-//! plain `done` jobs (nothing to store) are kept as runs of ids, and only the other states get
-//! rows; the writer remembers what it needs (open chunks, jobs with a row, recent runs).
+//! jobs that end `done` on their first run are kept as runs of ids (their values packed with
+//! them), and only the other states get rows; the writer remembers what it needs (open chunks,
+//! jobs with a row, recent runs).
 //!
 //! Durability: WAL with `synchronous=NORMAL` (default) survives the process being killed at
 //! any point, since a commit is in the OS before the job is released; a power loss may lose the
@@ -210,14 +211,17 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE chunks (
     first_id INTEGER PRIMARY KEY,
     last_id INTEGER NOT NULL,
-    open INTEGER NOT NULL DEFAULT 1,
     jobs BLOB NOT NULL
 );
-CREATE INDEX chunks_open ON chunks (first_id) WHERE open = 1;
+CREATE TABLE open_chunks (
+    first_id INTEGER PRIMARY KEY,
+    last_id INTEGER NOT NULL
+);
 CREATE TABLE done_runs (
     first_id INTEGER PRIMARY KEY,
     last_id INTEGER NOT NULL,
-    finished_at REAL NOT NULL
+    finished_at REAL NOT NULL,
+    vals BLOB
 );
 CREATE TABLE states (
     id INTEGER PRIMARY KEY,
@@ -237,10 +241,13 @@ CREATE INDEX states_failed ON states (id) WHERE status = 'failed';
 // How the journal stores jobs (the file format, schema 1):
 // - `chunks`: the received messages, written in the runs the writer commits together: ids
 //   `first_id..=last_id`, each job's connection, type, receipt time and payload packed in `jobs`
-//   (see `pack`). A chunk is `open` while some of its jobs are unfinished; recovery reads only
-//   open chunks. A message costs a few bytes in a blob, not a row: that is most of the speed.
-// - `done_runs`: runs of ids that ended `done` with nothing to store (no handler's value),
-//   one run started and finished once.
+//   (see `pack`). A message costs a few bytes in a blob, not a row: that is most of the speed.
+// - `open_chunks`: the chunks with jobs still unfinished; recovery reads only those. Apart from
+//   `chunks`, so that closing one does not rewrite its blob.
+// - `done_runs`: runs of ids that ended `done` on their first run. With nothing to store (no
+//   handler's value), a run is just its ids (`vals` NULL) and grows as neighbours finish. Jobs
+//   with values that finished in one commit make runs whose `vals` packs, per job, its times
+//   and value (see `pack_values`), so a value costs a few bytes in a blob, not a row.
 // - `states`: every other state a job is in: `running`, `done` with a value, `failed`, and
 //   `received` again (recovered, retried). A job is in at most one of `done_runs` and `states`;
 //   in neither, it is `received`.
@@ -293,6 +300,64 @@ fn unpack(first_id: u64, blob: &[u8], mut keep: impl FnMut(u64) -> bool) -> Opti
         id += 1;
     }
     Some(jobs)
+}
+
+/// Per job of a done run with values: started at (f64), finished at (f64), format (u8: 1 for
+/// JSON, 0 for a repr), text length (u32), then the text.
+const VALUE_HEAD: usize = 8 + 8 + 1 + 4;
+
+/// A job that ended `done` with a value on its first run, as a done run keeps it.
+#[derive(Debug, Clone, PartialEq)]
+struct DoneValue {
+    started_at: f64,
+    finished_at: f64,
+    value: StoredValue,
+}
+
+fn pack_values<'a>(values: impl Iterator<Item = &'a DoneValue> + Clone) -> Vec<u8> {
+    let size = values
+        .clone()
+        .map(|v| VALUE_HEAD + v.value.text.len())
+        .sum();
+    let mut out = Vec::with_capacity(size);
+    for v in values {
+        out.extend_from_slice(&v.started_at.to_le_bytes());
+        out.extend_from_slice(&v.finished_at.to_le_bytes());
+        out.push(u8::from(v.value.json));
+        out.extend_from_slice(&(v.value.text.len() as u32).to_le_bytes());
+        out.extend_from_slice(v.value.text.as_bytes());
+    }
+    out
+}
+
+/// The values of a done run, in id order; None if the blob is damaged.
+fn unpack_values(blob: &[u8]) -> Option<Vec<DoneValue>> {
+    let mut values = Vec::new();
+    let mut at = 0;
+    while at < blob.len() {
+        let head = blob.get(at..at + VALUE_HEAD)?;
+        let len = u32::from_le_bytes(head[17..21].try_into().ok()?) as usize;
+        let text = blob.get(at + VALUE_HEAD..at + VALUE_HEAD + len)?;
+        values.push(DoneValue {
+            started_at: f64::from_le_bytes(head[0..8].try_into().ok()?),
+            finished_at: f64::from_le_bytes(head[8..16].try_into().ok()?),
+            value: StoredValue {
+                text: String::from_utf8(text.to_vec()).ok()?,
+                json: head[16] == 1,
+            },
+        });
+        at += VALUE_HEAD + len;
+    }
+    Some(values)
+}
+
+/// A row of `done_runs`.
+struct DoneRun {
+    first: u64,
+    last: u64,
+    finished_at: f64,
+    /// Packed values (`pack_values`), one per id; None for a run with nothing stored.
+    vals: Option<Vec<u8>>,
 }
 
 /// Whether a done run covers `id`.
@@ -396,7 +461,7 @@ impl Tracker {
         *left = left.saturating_sub(1);
         if *left == 0 {
             self.open.remove(&first);
-            tx.prepare_cached("UPDATE chunks SET open = 0 WHERE first_id = ?1")?
+            tx.prepare_cached("DELETE FROM open_chunks WHERE first_id = ?1")?
                 .execute([first as i64])?;
         }
         Ok(())
@@ -558,12 +623,12 @@ impl Journal {
             .conn
             .query_row(
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table' \
-                 AND name IN ('chunks', 'done_runs', 'states', 'meta')",
+                 AND name IN ('chunks', 'open_chunks', 'done_runs', 'states', 'meta')",
                 [],
                 |r| r.get(0),
             )
             .map_err(|e| self.sql(e))?;
-        if has_jobs != 4 {
+        if has_jobs != 5 {
             return Err(self.refuse("damaged wspool journal (tables missing)".into()));
         }
         Ok(())
@@ -619,7 +684,7 @@ impl Journal {
     pub fn pending_count(&self) -> Result<u64, Error> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT first_id, last_id FROM chunks WHERE open = 1")
+            .prepare_cached("SELECT first_id, last_id FROM open_chunks")
             .map_err(|e| self.sql(e))?;
         let chunks = stmt
             .query_map([], |r| {
@@ -662,8 +727,9 @@ impl Journal {
         let chunk = self
             .conn
             .prepare_cached(
-                "SELECT first_id, last_id, jobs FROM chunks \
-                 WHERE open = 1 AND first_id > ?1 ORDER BY first_id LIMIT 1",
+                "SELECT c.first_id, c.last_id, c.jobs FROM open_chunks o \
+                 JOIN chunks c ON c.first_id = o.first_id \
+                 WHERE o.first_id > ?1 ORDER BY o.first_id LIMIT 1",
             )
             .and_then(|mut s| {
                 s.query_row([after], |r| {
@@ -694,7 +760,7 @@ impl Journal {
     pub fn close_chunk(&self, first: u64) -> Result<(), Error> {
         self.conn
             .execute(
-                "UPDATE chunks SET open = 0 WHERE first_id = ?1",
+                "DELETE FROM open_chunks WHERE first_id = ?1",
                 [first as i64],
             )
             .map(drop)
@@ -747,39 +813,61 @@ impl Journal {
         rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
     }
 
-    /// The done run holding `id`: (first, last, finished_at).
-    fn run_of(&self, id: u64) -> Result<Option<(u64, u64, f64)>, Error> {
-        self.range_holding("SELECT first_id, last_id, finished_at FROM done_runs", id)
+    /// The done run holding `id`.
+    fn run_of(&self, id: u64) -> Result<Option<DoneRun>, Error> {
+        let run = self.range_holding("finished_at, vals FROM done_runs", id, |r| {
+            Ok((r.get::<_, f64>(2)?, r.get::<_, Option<Vec<u8>>>(3)?))
+        })?;
+        Ok(run.map(|(first, last, (finished_at, vals))| DoneRun {
+            first,
+            last,
+            finished_at,
+            vals,
+        }))
     }
 
     /// The chunk holding `id`: (first, last, packed jobs).
     fn chunk_of(&self, id: u64) -> Result<Option<(u64, u64, Vec<u8>)>, Error> {
-        self.range_holding("SELECT first_id, last_id, jobs FROM chunks", id)
+        self.range_holding("jobs FROM chunks", id, |r| r.get(2))
     }
 
-    /// The row of a table of id ranges (`select`: its first_id, last_id and one more column)
-    /// whose range holds `id`: the one starting last at or before it, if it reaches that far.
-    fn range_holding<T: rusqlite::types::FromSql>(
+    /// The row of a table of id ranges whose range holds `id`: the one starting last at or
+    /// before it, if it reaches that far. `rest` names the columns after first_id and last_id
+    /// and the table (`"x FROM t"`); `read` reads them (from column 2 on).
+    fn range_holding<T>(
         &self,
-        select: &str,
+        rest: &str,
         id: u64,
+        read: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
     ) -> Result<Option<(u64, u64, T)>, Error> {
         self.conn
             .prepare_cached(&format!(
-                "{select} WHERE first_id <= ?1 ORDER BY first_id DESC LIMIT 1"
+                "SELECT first_id, last_id, {rest} WHERE first_id <= ?1 \
+                 ORDER BY first_id DESC LIMIT 1"
             ))
             .and_then(|mut s| {
                 s.query_row([id as i64], |r| {
                     Ok((
                         r.get::<_, i64>(0)? as u64,
                         r.get::<_, i64>(1)? as u64,
-                        r.get::<_, T>(2)?,
+                        read(r)?,
                     ))
                 })
                 .optional()
             })
             .map(|row| row.filter(|(_, last, _)| id <= *last))
             .map_err(|e| self.sql(e))
+    }
+
+    /// The values of a done run (`vals`), or an error naming the damage.
+    fn done_values(&self, first: u64, vals: &[u8]) -> Result<Vec<DoneValue>, Error> {
+        unpack_values(vals).ok_or_else(|| self.damaged_values(first))
+    }
+
+    fn damaged_values(&self, first: u64) -> Error {
+        self.refuse(format!(
+            "damaged wspool journal (the values of the done run from job {first} cannot be read)"
+        ))
     }
 
     fn state_of(&self, id: u64) -> Result<Option<StateRow>, Error> {
@@ -802,15 +890,26 @@ impl Journal {
         let state = match self.state_of(id)? {
             Some(s) => s,
             None => match self.run_of(id)? {
-                Some((_, _, at)) => StateRow {
-                    status: Status::Done,
-                    attempts: 1,
-                    started_at: None,
-                    finished_at: Some(at),
-                    value: None,
-                    error_type: None,
-                    error_message: None,
-                },
+                Some(run) => {
+                    let done = match &run.vals {
+                        Some(vals) => Some(
+                            self.done_values(run.first, vals)?
+                                .into_iter()
+                                .nth((id - run.first) as usize)
+                                .ok_or_else(|| self.damaged_values(run.first))?,
+                        ),
+                        None => None,
+                    };
+                    StateRow {
+                        status: Status::Done,
+                        attempts: 1,
+                        started_at: done.as_ref().map(|d| d.started_at),
+                        finished_at: Some(done.as_ref().map_or(run.finished_at, |d| d.finished_at)),
+                        value: done.map(|d| d.value),
+                        error_type: None,
+                        error_message: None,
+                    }
+                }
                 None => StateRow {
                     status: Status::Received,
                     attempts: 0,
@@ -909,7 +1008,7 @@ impl Journal {
                 let mut ids = stated("received")?;
                 // In neither table: received. Only open chunks have such jobs.
                 ids.extend(self.ids_in_ranges(
-                    "SELECT first_id, last_id FROM chunks WHERE open = 1 ORDER BY first_id DESC",
+                    "SELECT first_id, last_id FROM open_chunks ORDER BY first_id DESC",
                     limit,
                     |first, last| {
                         let (unfinished, stated) = self.unfinished_in(first, last)?;
@@ -941,7 +1040,7 @@ impl Journal {
             return Ok(None);
         };
         let run = self.run_of(id)?;
-        let Some((chunk, _, _)) = self.chunk_of(id)? else {
+        let Some((chunk, chunk_last, _)) = self.chunk_of(id)? else {
             return Ok(None);
         };
         let path = self.path.display().to_string();
@@ -950,16 +1049,31 @@ impl Journal {
             message: format!("cannot write: {e}"),
         };
         let tx = self.conn.unchecked_transaction().map_err(sql)?;
-        if let Some((first, last, at)) = run {
-            // Out of its done run (split in two), into a row of its own.
-            tx.execute("DELETE FROM done_runs WHERE first_id = ?1", [first as i64])
-                .map_err(sql)?;
-            for (f, l) in [(first, id.wrapping_sub(1)), (id + 1, last)] {
+        if let Some(run) = run {
+            // Out of its done run (split in two, values with their jobs), into a row of its own.
+            let values = match &run.vals {
+                Some(vals) => Some(self.done_values(run.first, vals)?),
+                None => None,
+            };
+            tx.execute(
+                "DELETE FROM done_runs WHERE first_id = ?1",
+                [run.first as i64],
+            )
+            .map_err(sql)?;
+            for (f, l) in [(run.first, id.wrapping_sub(1)), (id + 1, run.last)] {
                 if f <= l && l != u64::MAX {
+                    let vals = match &values {
+                        Some(v) => Some(pack_values(
+                            v.get((f - run.first) as usize..=(l - run.first) as usize)
+                                .ok_or_else(|| self.damaged_values(run.first))?
+                                .iter(),
+                        )),
+                        None => None,
+                    };
                     tx.execute(
-                        "INSERT INTO done_runs (first_id, last_id, finished_at) \
-                         VALUES (?1, ?2, ?3)",
-                        params![f as i64, l as i64, at],
+                        "INSERT INTO done_runs (first_id, last_id, finished_at, vals) \
+                         VALUES (?1, ?2, ?3, ?4)",
+                        params![f as i64, l as i64, run.finished_at, vals],
                     )
                     .map_err(sql)?;
                 }
@@ -978,8 +1092,8 @@ impl Journal {
             .map_err(sql)?;
         }
         tx.execute(
-            "UPDATE chunks SET open = 1 WHERE first_id = ?1",
-            [chunk as i64],
+            "INSERT OR IGNORE INTO open_chunks (first_id, last_id) VALUES (?1, ?2)",
+            [chunk as i64, chunk_last as i64],
         )
         .map_err(sql)?;
         tx.commit().map_err(sql)?;
@@ -1052,9 +1166,10 @@ impl Journal {
         let tx = self.conn.transaction().map_err(sql)?;
         {
             let mut chunk = tx
-                .prepare_cached(
-                    "INSERT INTO chunks (first_id, last_id, open, jobs) VALUES (?1, ?2, 1, ?3)",
-                )
+                .prepare_cached("INSERT INTO chunks (first_id, last_id, jobs) VALUES (?1, ?2, ?3)")
+                .map_err(sql)?;
+            let mut open = tx
+                .prepare_cached("INSERT INTO open_chunks (first_id, last_id) VALUES (?1, ?2)")
                 .map_err(sql)?;
             // A chunk holds consecutive ids (the read loop numbers messages in order).
             let mut rest = inserts;
@@ -1070,6 +1185,7 @@ impl Journal {
                 chunk
                     .execute(params![head.id as i64, last as i64, pack(these)])
                     .map_err(sql)?;
+                open.execute([head.id as i64, last as i64]).map_err(sql)?;
                 tracker.open.insert(head.id, (last, n as u64));
                 rest = after;
             }
@@ -1092,6 +1208,7 @@ impl Journal {
                 .map_err(sql)?;
             let mut done = Vec::new();
             let mut done_at = 0.0;
+            let mut valued = Vec::new();
             for (id, change) in updates.order.drain(..) {
                 let Some((at, outcome)) = change.finished else {
                     start
@@ -1102,14 +1219,26 @@ impl Journal {
                 };
                 let stated = tracker.stated.remove(&id);
                 tracker.finished(&tx, id).map_err(sql)?;
-                if !stated
-                    && change.started_at.is_some()
-                    && outcome == (Outcome::Done { value: None })
-                {
-                    done.push(id);
-                    done_at = at;
-                    continue;
-                }
+                // Done on a first run: into a done run (with its value, if any).
+                let outcome = match (stated, change.started_at, outcome) {
+                    (false, Some(_), Outcome::Done { value: None }) => {
+                        done.push(id);
+                        done_at = at;
+                        continue;
+                    }
+                    (false, Some(started_at), Outcome::Done { value: Some(value) }) => {
+                        valued.push((
+                            id,
+                            DoneValue {
+                                started_at,
+                                finished_at: at,
+                                value,
+                            },
+                        ));
+                        continue;
+                    }
+                    (_, _, outcome) => outcome,
+                };
                 let (status, value, error) = match outcome {
                     Outcome::Done { value } => (Status::Done, value, None),
                     Outcome::Failed {
@@ -1149,6 +1278,36 @@ impl Journal {
                     .map_err(sql)?;
                 i = j;
             }
+            // Values: a run per stretch of consecutive ids (they are never merged later).
+            valued.sort_unstable_by_key(|(id, _)| *id);
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO done_runs (first_id, last_id, finished_at, vals) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(sql)?;
+            let mut rest = &valued[..];
+            while let Some(((head, _), _)) = rest.split_first() {
+                let head = *head;
+                let n = rest
+                    .iter()
+                    .take(CHUNK_JOBS)
+                    .enumerate()
+                    .take_while(|(i, (id, _))| *id == head + *i as u64)
+                    .count();
+                let (these, after) = rest.split_at(n);
+                let values = these.iter().map(|(_, v)| v);
+                let finished_at = values.clone().map(|v| v.finished_at).fold(0.0, f64::max);
+                insert
+                    .execute(params![
+                        head as i64,
+                        (head + n as u64 - 1) as i64,
+                        finished_at,
+                        pack_values(values)
+                    ])
+                    .map_err(sql)?;
+                rest = after;
+            }
         }
         tx.commit().map_err(sql)?;
         if let Some(kick) = &self.checkpoints {
@@ -1175,8 +1334,22 @@ fn is_not_a_database(e: &rusqlite::Error) -> bool {
 /// A status change sent by a worker.
 #[derive(Debug)]
 pub enum Update {
-    Started { id: u64, at: f64 },
-    Finished { id: u64, at: f64, outcome: Outcome },
+    Started {
+        id: u64,
+        at: f64,
+    },
+    Finished {
+        id: u64,
+        at: f64,
+        outcome: Outcome,
+    },
+    /// Started and finished in one batch of native work: one change, nothing to merge with.
+    Ran {
+        id: u64,
+        started_at: f64,
+        finished_at: f64,
+        outcome: Outcome,
+    },
 }
 
 /// The status changes of one batch, one entry per job in arrival order (a start and a finish
@@ -1203,17 +1376,38 @@ impl Updates {
     }
 
     fn add(&mut self, update: Update) {
-        let id = match &update {
-            Update::Started { id, .. } | Update::Finished { id, .. } => *id,
+        let (id, started_at, finished) = match update {
+            Update::Started { id, at } => (id, Some(at), None),
+            Update::Finished { id, at, outcome } => (id, None, Some((at, outcome))),
+            Update::Ran {
+                id,
+                started_at,
+                finished_at,
+                outcome,
+            } => {
+                let change = Change {
+                    started_at: Some(started_at),
+                    finished: Some((finished_at, outcome)),
+                };
+                // Unindexed (the hot path without user code): no other change of the job
+                // comes after it, and none came before unless the index holds one.
+                match self.index.get(&id) {
+                    Some(&i) => self.order[i].1 = change,
+                    None => self.order.push((id, change)),
+                }
+                return;
+            }
         };
         let i = *self.index.entry(id).or_insert_with(|| {
             self.order.push((id, Change::default()));
             self.order.len() - 1
         });
         let change = &mut self.order[i].1;
-        match update {
-            Update::Started { at, .. } => change.started_at = Some(at),
-            Update::Finished { at, outcome, .. } => change.finished = Some((at, outcome)),
+        if started_at.is_some() {
+            change.started_at = started_at;
+        }
+        if finished.is_some() {
+            change.finished = finished;
         }
     }
 }
@@ -1322,6 +1516,20 @@ impl<P: Processor> Processor for Journaled<P> {
         let id = job.id;
         // Native work, done in microseconds, gets `running` written with `done`; user code,
         // which may take long, gets it written on its own.
+        if self.inner.batchable() {
+            let started_at = unix_now();
+            let (output, ok) = self.inner.process(job, decoded);
+            let outcome = (self.describe)(&output, ok);
+            BATCH_UPDATES.with(|b| {
+                b.borrow_mut().push(Update::Ran {
+                    id,
+                    started_at,
+                    finished_at: unix_now(),
+                    outcome,
+                })
+            });
+            return (output, ok);
+        }
         self.note(Update::Started { id, at: unix_now() });
         let (output, ok) = self.inner.process(job, decoded);
         let outcome = (self.describe)(&output, ok);
@@ -2312,6 +2520,86 @@ mod tests {
     }
 
     #[test]
+    fn values_of_jobs_done_together_are_packed_in_runs_and_a_retry_splits_one() {
+        let path = temp("values");
+        let mut j = Journal::open(&path, true, SyncMode::Normal).unwrap();
+        j.write(&received(0..300), &mut Updates::default()).unwrap();
+        let mut u = Updates::default();
+        // One commit: 0..=9 and 20..=279 with values (two stretches, the second longer than a
+        // chunk), 10 plain, 11 failed; 12..20 and 280.. still to finish.
+        for id in (0..10).chain(20..280) {
+            u.add(Update::Started { id, at: 2.0 });
+            u.add(Update::Finished {
+                id,
+                at: 3.0 + id as f64,
+                outcome: Outcome::Done {
+                    value: Some(StoredValue {
+                        text: format!("{{\"n\": {id}}}"),
+                        json: id != 5,
+                    }),
+                },
+            });
+        }
+        j.write(&[], &mut u).unwrap();
+        finish(&mut j, &[10], &Outcome::plain(true));
+        finish(
+            &mut j,
+            &[11],
+            &Outcome::Failed {
+                error_type: "E".into(),
+                message: String::new(),
+            },
+        );
+        assert_eq!(runs(&j), vec![(0, 9), (10, 10), (20, 275), (276, 279)]);
+        let states: i64 = j
+            .conn
+            .query_row("SELECT count(*) FROM states", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(states, 1, "only the failed job has a row");
+        let r = j.get(250).unwrap().unwrap();
+        assert_eq!(
+            (r.status, r.attempts, r.started_at, r.finished_at),
+            (Status::Done, 1, Some(2.0), Some(253.0))
+        );
+        assert_eq!(r.value.unwrap().text, "{\"n\": 250}");
+        assert!(!j.get(5).unwrap().unwrap().value.unwrap().json, "a repr");
+        let c = j.counts().unwrap();
+        assert_eq!((c.done, c.failed, c.received, c.total), (271, 1, 28, 300));
+        assert_eq!(j.pending_count().unwrap(), 28);
+        assert_eq!(j.list(Some(Status::Done), 1).unwrap()[0].id, 279);
+
+        assert_eq!(j.retry(100).unwrap(), Some(Status::Done));
+        assert_eq!(
+            runs(&j),
+            vec![(0, 9), (10, 10), (20, 99), (101, 275), (276, 279)]
+        );
+        for (id, n) in [(99, 99), (101, 101), (275, 275)] {
+            let v = j.get(id).unwrap().unwrap().value.unwrap();
+            assert_eq!(
+                v.text,
+                format!("{{\"n\": {n}}}"),
+                "job {id} keeps its value"
+            );
+        }
+        let again = j.get(100).unwrap().unwrap();
+        assert_eq!((again.status, again.value), (Status::Received, None));
+        assert_eq!(j.counts().unwrap().done, 270);
+
+        let damaged = pack_values(
+            [DoneValue {
+                started_at: 1.0,
+                finished_at: 2.0,
+                value: StoredValue {
+                    text: "1".into(),
+                    json: true,
+                },
+            }]
+            .iter(),
+        );
+        assert!(unpack_values(&damaged[..damaged.len() - 1]).is_none());
+    }
+
+    #[test]
     fn a_start_and_a_finish_in_one_batch_are_one_update() {
         let mut u = Updates::default();
         u.add(Update::Started { id: 3, at: 1.0 });
@@ -2321,7 +2609,15 @@ mod tests {
             at: 2.0,
             outcome: Outcome::plain(true),
         });
-        assert_eq!(u.len(), 2);
+        u.add(Update::Ran {
+            id: 9,
+            started_at: 1.0,
+            finished_at: 1.5,
+            outcome: Outcome::plain(true),
+        });
+        assert_eq!(u.len(), 3);
+        assert!(!u.index.contains_key(&9), "native work is not indexed");
+        assert_eq!(u.order[2].1.started_at, Some(1.0));
         assert_eq!(u.order[0].0, 3);
         assert!(u.order[0].1.started_at.is_some() && u.order[0].1.finished.is_some());
         assert!(u.order[1].1.finished.is_none());
