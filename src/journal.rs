@@ -467,6 +467,32 @@ impl Tracker {
         Ok(())
     }
 
+    /// Jobs `first..=last` finished: as `finished` for each, a chunk at a time.
+    fn finished_range(
+        &mut self,
+        tx: &rusqlite::Transaction<'_>,
+        first: u64,
+        last: u64,
+    ) -> rusqlite::Result<()> {
+        let mut closed = Vec::new();
+        for (&cf, (cl, left)) in self.open.range_mut(..=last).rev() {
+            if *cl < first {
+                break;
+            }
+            let overlap = (*cl).min(last) - cf.max(first) + 1;
+            *left = left.saturating_sub(overlap);
+            if *left == 0 {
+                closed.push(cf);
+            }
+        }
+        for cf in closed {
+            self.open.remove(&cf);
+            tx.prepare_cached("DELETE FROM open_chunks WHERE first_id = ?1")?
+                .execute([cf as i64])?;
+        }
+        Ok(())
+    }
+
     /// Records `first..=last` as done, merged with an adjacent recent run on either side. A
     /// run changed meanwhile by another connection (a retry splits runs) is not merged with.
     fn add_run(
@@ -545,15 +571,16 @@ impl Journal {
             .conn
             .busy_timeout(Duration::from_secs(10))
             .map_err(|e| journal.sql(e))?;
-        journal.check(create)?;
+        // Before the check: creating the schema is then synced as the user asked, not fully.
         let sync = match sync {
             SyncMode::Normal => "NORMAL",
             SyncMode::Full => "FULL",
         };
-        journal
-            .conn
-            .pragma_update(None, "synchronous", sync)
-            .map_err(|e| journal.sql(e))?;
+        match journal.conn.pragma_update(None, "synchronous", sync) {
+            Err(e) if is_not_a_database(&e) => {}
+            other => other.map_err(|e| journal.sql(e))?,
+        }
+        journal.check(create)?;
         Ok(journal)
     }
 
@@ -1206,9 +1233,34 @@ impl Journal {
                      value_format = ?7, error_type = ?8, error_message = ?9",
                 )
                 .map_err(sql)?;
-            let mut done = Vec::new();
+            // Done runs to record: (first, last).
+            let mut done: Vec<(u64, u64)> = Vec::new();
             let mut done_at = 0.0;
             let mut valued = Vec::new();
+            for (first, last, at) in updates.plain.drain(..) {
+                // A job that has a row (a re-run) gets it updated: as a change of its own.
+                let mut from = first;
+                if !tracker.stated.is_empty() {
+                    for id in first..=last {
+                        if tracker.stated.contains(&id) {
+                            let change = Change {
+                                started_at: Some(at),
+                                finished: Some((at, Outcome::plain(true))),
+                            };
+                            updates.order.push((id, change));
+                            if from < id {
+                                done.push((from, id - 1));
+                            }
+                            from = id + 1;
+                        }
+                    }
+                }
+                if from <= last {
+                    tracker.finished_range(&tx, from, last).map_err(sql)?;
+                    done.push((from, last));
+                }
+                done_at = at;
+            }
             for (id, change) in updates.order.drain(..) {
                 let Some((at, outcome)) = change.finished else {
                     start
@@ -1222,7 +1274,7 @@ impl Journal {
                 // Done on a first run: into a done run (with its value, if any).
                 let outcome = match (stated, change.started_at, outcome) {
                     (false, Some(_), Outcome::Done { value: None }) => {
-                        done.push(id);
+                        done.push((id, id));
                         done_at = at;
                         continue;
                     }
@@ -1267,16 +1319,17 @@ impl Journal {
             }
             updates.index.clear();
             done.sort_unstable();
-            let mut i = 0;
-            while i < done.len() {
-                let mut j = i + 1;
-                while j < done.len() && done[j] == done[j - 1] + 1 {
-                    j += 1;
+            let mut ranges = done.into_iter();
+            if let Some((mut first, mut last)) = ranges.next() {
+                for (f, l) in ranges {
+                    if f == last + 1 {
+                        last = l;
+                        continue;
+                    }
+                    tracker.add_run(&tx, first, last, done_at).map_err(sql)?;
+                    (first, last) = (f, l);
                 }
-                tracker
-                    .add_run(&tx, done[i], done[j - 1], done_at)
-                    .map_err(sql)?;
-                i = j;
+                tracker.add_run(&tx, first, last, done_at).map_err(sql)?;
             }
             // Values: a run per stretch of consecutive ids (they are never merged later).
             valued.sort_unstable_by_key(|(id, _)| *id);
@@ -1343,6 +1396,13 @@ pub enum Update {
         at: f64,
         outcome: Outcome,
     },
+    /// Consecutive jobs of one batch of native work that all ended `done` with nothing to
+    /// store: one change for the lot.
+    RanPlain {
+        first: u64,
+        last: u64,
+        finished_at: f64,
+    },
     /// Started and finished in one batch of native work: one change, nothing to merge with.
     Ran {
         id: u64,
@@ -1358,6 +1418,8 @@ pub enum Update {
 struct Updates {
     order: Vec<(u64, Change)>,
     index: IdMap<usize>,
+    /// `Update::RanPlain` ranges: (first, last, finished at).
+    plain: Vec<(u64, u64, f64)>,
 }
 
 #[derive(Default)]
@@ -1368,17 +1430,25 @@ struct Change {
 
 impl Updates {
     fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.order.is_empty() && self.plain.is_empty()
     }
 
     fn len(&self) -> usize {
-        self.order.len()
+        self.order.len() + self.plain.len()
     }
 
     fn add(&mut self, update: Update) {
         let (id, started_at, finished) = match update {
             Update::Started { id, at } => (id, Some(at), None),
             Update::Finished { id, at, outcome } => (id, None, Some((at, outcome))),
+            Update::RanPlain {
+                first,
+                last,
+                finished_at,
+            } => {
+                self.plain.push((first, last, finished_at));
+                return;
+            }
             Update::Ran {
                 id,
                 started_at,
@@ -1520,13 +1590,36 @@ impl<P: Processor> Processor for Journaled<P> {
             let started_at = unix_now();
             let (output, ok) = self.inner.process(job, decoded);
             let outcome = (self.describe)(&output, ok);
+            let finished_at = unix_now();
             BATCH_UPDATES.with(|b| {
-                b.borrow_mut().push(Update::Ran {
-                    id,
-                    started_at,
-                    finished_at: unix_now(),
-                    outcome,
-                })
+                let mut b = b.borrow_mut();
+                if outcome != (Outcome::Done { value: None }) {
+                    b.push(Update::Ran {
+                        id,
+                        started_at,
+                        finished_at,
+                        outcome,
+                    });
+                    return;
+                }
+                // Plain successes of a run of ids (a worker's share of the queue) go as one.
+                if let Some(Update::RanPlain {
+                    last,
+                    finished_at: at,
+                    ..
+                }) = b.last_mut()
+                {
+                    if *last + 1 == id {
+                        *last = id;
+                        *at = finished_at;
+                        return;
+                    }
+                }
+                b.push(Update::RanPlain {
+                    first: id,
+                    last: id,
+                    finished_at,
+                });
             });
             return (output, ok);
         }
@@ -2597,6 +2690,49 @@ mod tests {
             .iter(),
         );
         assert!(unpack_values(&damaged[..damaged.len() - 1]).is_none());
+    }
+
+    #[test]
+    fn ranges_of_plain_successes_close_chunks_and_merge_into_runs() {
+        let path = temp("ranges");
+        let mut j = Journal::open(&path, true, SyncMode::Normal).unwrap();
+        j.write(&received(0..600), &mut Updates::default()).unwrap();
+        let ran = |first, last| Update::RanPlain {
+            first,
+            last,
+            finished_at: 4.0,
+        };
+        let mut u = Updates::default();
+        for update in [ran(350, 599), ran(0, 99), ran(100, 300)] {
+            u.add(update);
+        }
+        j.write(&[], &mut u).unwrap();
+        assert_eq!(runs(&j), vec![(0, 300), (350, 599)]);
+        assert_eq!(j.pending_count().unwrap(), 49, "301..=349");
+        assert_eq!(j.unfinished_after(None).unwrap().unwrap().first, 256);
+        assert!(
+            j.unfinished_after(Some(256)).unwrap().is_none(),
+            "512.. closed"
+        );
+        let r = j.get(599).unwrap().unwrap();
+        assert_eq!((r.status, r.finished_at), (Status::Done, Some(4.0)));
+
+        // A re-run job inside a range keeps its own row and counts the attempt.
+        assert_eq!(j.retry(550).unwrap(), Some(Status::Done));
+        drop(j);
+        let mut j = Journal::open(&path, false, SyncMode::Normal).unwrap();
+        let chunk = j.unfinished_after(Some(256)).unwrap().unwrap();
+        assert_eq!(chunk.stated, vec![550]);
+        j.tracker.open.insert(chunk.first, (chunk.last, 1));
+        j.tracker.stated.extend(chunk.stated);
+        let mut u = Updates::default();
+        u.add(ran(550, 550));
+        j.write(&[], &mut u).unwrap();
+        let r = j.get(550).unwrap().unwrap();
+        assert_eq!((r.status, r.attempts), (Status::Done, 2));
+        assert!(j.unfinished_after(Some(256)).unwrap().is_none());
+        let c = j.counts().unwrap();
+        assert_eq!((c.done, c.received, c.duplicates), (551, 49, 1));
     }
 
     #[test]
