@@ -4,6 +4,7 @@
 //! `cargo test`; `py` (feature `python`) is the thin binding that maturin builds.
 
 pub mod errors;
+pub mod frames;
 pub mod job;
 pub mod journal;
 pub mod json;

@@ -665,6 +665,7 @@ fn io_main(
         next_id,
         replies: config.replies.clone(),
         journal,
+        max_message_size: config.max_message_size,
     };
     runtime.block_on(connections(config, tls, reader, connected));
 }

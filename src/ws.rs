@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -17,13 +17,15 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::errors::Error;
-use crate::job::{extract_key, Job, Kind};
+use crate::frames::{Event, FrameError, FrameReader, Tap};
+use crate::job::{extract_key, Job};
 use crate::queue::{JobQueue, Key, Push};
 use crate::state::{unix_now, Shared};
 
 pub use tokio_tungstenite::tungstenite::handshake::client::Request;
 
-pub type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// tungstenite does the handshake and sends; [`FrameReader`] reads (see `frames`).
+pub type WsStream = WebSocketStream<Tap<MaybeTlsStream<TcpStream>>>;
 
 /// What the owner of a stream asks of its read loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -285,7 +287,7 @@ pub async fn connect(
         } else {
             MaybeTlsStream::Plain(tcp)
         };
-        tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+        tokio_tungstenite::client_async_with_config(request, Tap::new(stream), Some(config))
             .await
             .map_err(|e| connect_error(&url, e, wss))
     };
@@ -422,6 +424,10 @@ fn violation(e: &WsError) -> Option<(u16, String)> {
     Some((1002, what))
 }
 
+fn ended() -> Error {
+    dropped("the connection ended without a close frame")
+}
+
 fn dropped(reason: &str) -> Error {
     Error::Closed {
         code: 1006,
@@ -437,7 +443,8 @@ const CANCEL_LINGER: Duration = Duration::from_millis(100);
 enum Stop {
     Asked(Control),
     Deadline,
-    ServerClosed(Option<CloseFrame>),
+    /// The server's close frame: its code and reason, if any.
+    ServerClosed(Option<(u16, String)>),
     Failed(Error),
     /// The server broke the protocol: fail the connection with this close code.
     Violated(u16, Error),
@@ -451,8 +458,20 @@ fn read_failed(e: WsError) -> Stop {
     }
 }
 
-/// The reason tungstenite gives the close frame that stands for a forbidden close code.
-const INVALID_CLOSE_CODE: &str = "Protocol violation";
+/// Why reading stopped on a frame the server should not have sent.
+fn frame_failed(e: FrameError) -> Stop {
+    match e {
+        FrameError::Violation(code, what) => {
+            Stop::Violated(code, Error::Protocol(format!("{what}; closed with {code}")))
+        }
+        FrameError::TooBig { size, limit } => Stop::Failed(Error::MessageTooBig { size, limit }),
+    }
+}
+
+/// Why reading stopped on a failed read.
+fn lost(e: std::io::Error) -> Stop {
+    Stop::Failed(dropped(&format!("the connection was lost: {e}")))
+}
 
 /// How a connection ended, for the loop that may reconnect.
 #[derive(Debug)]
@@ -493,6 +512,8 @@ pub struct Reader {
     pub replies: Option<Replies>,
     /// With a journal: its writer takes each job and queues it once written.
     pub journal: Option<crate::journal::Inserts>,
+    /// The largest message accepted (bytes, fragments together).
+    pub max_message_size: usize,
 }
 
 /// At most this many waiting replies are written before one flush.
@@ -526,7 +547,8 @@ impl Reader {
         if let Some(r) = &self.replies {
             r.open(self.connection);
         }
-        let stop = self.read(&mut ws).await;
+        let mut frames = FrameReader::new(self.max_message_size);
+        let stop = self.read(&mut ws, &mut frames).await;
         if matches!(stop, Stop::Violated(..)) {
             // The messages before the violation are processed anyway: their replies go out
             // before the connection is failed, so a peer sees every answer it was owed.
@@ -538,7 +560,7 @@ impl Reader {
         let close_timeout = self.close_timeout;
         match stop {
             Stop::Asked(Control::Close) | Stop::Asked(Control::Run) | Stop::Deadline => {
-                close(&mut ws, CloseCode::Normal, close_timeout, true).await;
+                close(&mut ws, CloseCode::Normal, close_timeout, Some(&mut frames)).await;
                 Ended::Finished
             }
             Stop::Asked(Control::Cancel) => {
@@ -548,7 +570,7 @@ impl Reader {
                 } else {
                     CloseCode::Normal
                 };
-                close(&mut ws, code, close_timeout, false).await;
+                close(&mut ws, code, close_timeout, None).await;
                 // Closing the socket with unread data in it sends a reset, which can make the
                 // server lose our close frame (it does under a flood): read what is still
                 // coming, raw and discarded, for a short while or until the server closes.
@@ -556,20 +578,13 @@ impl Reader {
                 Ended::Finished
             }
             Stop::ServerClosed(frame) => {
-                finish_handshake(&mut ws, close_timeout).await;
-                let (code, reason) = frame
-                    .as_ref()
-                    .map(|f| (u16::from(f.code), f.reason.to_string()))
-                    .unwrap_or((1005, String::new()));
-                // The protocol layer answers a close code RFC 6455 forbids (1005, 1006, 1015,
-                // 0-999, unassigned ones) with 1002 and reports it as this frame.
-                if code == 1002 && reason == INVALID_CLOSE_CODE {
-                    return Ended::Failed(Error::Protocol(
-                        "the server's close frame has a code RFC 6455 does not allow; \
-                         closed with 1002"
-                            .into(),
-                    ));
-                }
+                // Our half of the closing handshake: the server's code echoed (RFC 6455 5.5.1).
+                let reply = frame.as_ref().map(|&(code, _)| CloseFrame {
+                    code: CloseCode::from(code),
+                    reason: "".into(),
+                });
+                let _ = tokio::time::timeout(close_timeout, ws.close(reply)).await;
+                let (code, reason) = frame.unwrap_or((1005, String::new()));
                 // 1000 is a normal close; 1005 means the server sent a close frame with no code.
                 if code == 1000 || code == 1005 {
                     Ended::Finished
@@ -581,13 +596,13 @@ impl Reader {
                 // Tell the server why, when the connection can still carry a close frame.
                 match e {
                     Error::Overflow { .. } => {
-                        close(&mut ws, CloseCode::Policy, close_timeout, true).await;
+                        close(&mut ws, CloseCode::Policy, close_timeout, Some(&mut frames)).await;
                     }
                     Error::MessageTooBig { .. } => {
                         // The protocol layer would now read the refused message whole: read
                         // the rest raw, in small pieces, until the server closes (bounded),
                         // so it gets our close frame rather than a reset.
-                        close(&mut ws, CloseCode::Size, close_timeout, false).await;
+                        close(&mut ws, CloseCode::Size, close_timeout, None).await;
                         discard_until_closed(&mut ws, close_timeout).await;
                     }
                     _ => {}
@@ -598,16 +613,16 @@ impl Reader {
                 // Fail the connection (RFC 6455 7.1.7): our close frame with the code, then a
                 // bounded wait for the server to hang up. The protocol layer cannot read past
                 // the bad frame, so what follows is discarded raw.
-                close(&mut ws, CloseCode::from(code), close_timeout, false).await;
+                close(&mut ws, CloseCode::from(code), close_timeout, None).await;
                 discard_until_closed(&mut ws, close_timeout).await;
                 Ended::Failed(e)
             }
         }
     }
 
-    async fn read(&mut self, ws: &mut WsStream) -> Stop {
+    async fn read(&mut self, ws: &mut WsStream, frames: &mut FrameReader) -> Stop {
         let mut batch = Vec::with_capacity(READ_BATCH);
-        let stop = self.read_into(ws, &mut batch).await;
+        let stop = self.read_into(ws, frames, &mut batch).await;
         // Whatever ended the reading, every message read is queued.
         match self.enqueue_all(ws, &mut batch).await {
             Ok(()) => stop,
@@ -618,7 +633,12 @@ impl Reader {
     /// The read loop proper. Messages already buffered are read in a run and queued together
     /// (one lock, one wake-up) when the socket has nothing more at once or `READ_BATCH` are
     /// waiting; the caller queues what is left in `batch` when this returns.
-    async fn read_into(&mut self, ws: &mut WsStream, batch: &mut Vec<(Job, Option<Key>)>) -> Stop {
+    async fn read_into(
+        &mut self,
+        ws: &mut WsStream,
+        frames: &mut FrameReader,
+        batch: &mut Vec<(Job, Option<Key>)>,
+    ) -> Stop {
         let Heartbeat { interval, timeout } = self.heartbeat;
         // Time spent waiting on the socket since the last frame, and its value when our ping
         // went out.
@@ -648,17 +668,25 @@ impl Reader {
                 None => interval,
                 Some(at) => timeout.map(|t| at + t),
             };
-            // A frame already buffered is taken without arming any timer (the busy path).
-            let next = match ws.next().now_or_never() {
-                Some(next) => next,
-                None if !batch.is_empty() => {
-                    // Nothing more at once: hand the run to the workers before waiting.
-                    if let Err(stop) = self.enqueue_all(ws, batch).await {
-                        return stop;
+            // A frame already read is taken without arming any timer, and so is what the
+            // socket has ready (the busy path).
+            let next = match frames.next_event() {
+                Err(e) => return frame_failed(e),
+                Ok(Some(event)) => event,
+                Ok(None) => {
+                    match frames.fill(ws.get_mut()).now_or_never() {
+                        Some(Ok(0)) => return Stop::Failed(ended()),
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => return lost(e),
+                        None if !batch.is_empty() => {
+                            // Nothing more at once: hand the run to the workers before waiting.
+                            if let Err(stop) = self.enqueue_all(ws, batch).await {
+                                return stop;
+                            }
+                            continue;
+                        }
+                        None => {}
                     }
-                    continue;
-                }
-                None => {
                     let waiting = tokio::time::Instant::now();
                     tokio::select! {
                         biased;
@@ -666,8 +694,6 @@ impl Reader {
                             if changed.is_err() {
                                 return Stop::Asked(Control::Cancel);
                             }
-                            idle += waiting.elapsed();
-                            continue;
                         }
                         _ = sleep_until(self.deadline) => return Stop::Deadline,
                         Some(reply) = next_reply(self.replies.as_ref()) => {
@@ -690,21 +716,43 @@ impl Reader {
                             }
                             continue;
                         }
-                        next = ws.next() => next,
+                        read = frames.fill(ws.get_mut()) => match read {
+                            Ok(0) => return Stop::Failed(ended()),
+                            Ok(_) => {
+                                // Bytes show the server is alive.
+                                idle = Duration::ZERO;
+                                pinged_at = None;
+                                continue;
+                            }
+                            Err(e) => return lost(e),
+                        },
                     }
+                    idle += waiting.elapsed();
+                    continue;
                 }
             };
             // Any frame shows the server is alive.
             idle = Duration::ZERO;
             pinged_at = None;
             let (kind, payload) = match next {
-                Some(Ok(Message::Text(t))) => (Kind::Text, Bytes::from(t)),
-                Some(Ok(Message::Binary(b))) => (Kind::Binary, b),
-                Some(Ok(Message::Close(frame))) => return Stop::ServerClosed(frame),
-                // Pings are answered by the protocol layer; pongs and raw frames carry no job.
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return read_failed(e),
-                None => return Stop::Failed(dropped("the connection ended without a close frame")),
+                Event::Message(kind, payload) => (kind, payload),
+                Event::Close(frame) => return Stop::ServerClosed(frame),
+                Event::Ping(payload) => {
+                    // Answered at once, as the RFC asks; a server that does not read them
+                    // stalls us only up to close_timeout.
+                    let pong = ws.send(Message::Pong(payload));
+                    match tokio::time::timeout(self.close_timeout, pong).await {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(e)) => return read_failed(e),
+                        Err(_) => {
+                            return Stop::Failed(dropped(
+                                "a pong could not be sent within close_timeout: the server \
+                                 does not read",
+                            ))
+                        }
+                    }
+                }
+                Event::Pong => continue,
             };
             self.shared.on_received(payload.len());
             let key = match &self.key {
@@ -954,16 +1002,34 @@ pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Sends our close frame; when `wait`, also waits (bounded) for the server's reply so the
+/// Sends our close frame; with `frames`, also waits (bounded) for the server's reply so the
 /// closing handshake completes, discarding data that was already in flight.
-async fn close(ws: &mut WsStream, code: CloseCode, close_timeout: Duration, wait: bool) {
+async fn close(
+    ws: &mut WsStream,
+    code: CloseCode,
+    close_timeout: Duration,
+    frames: Option<&mut FrameReader>,
+) {
     let frame = CloseFrame {
         code,
         reason: "".into(),
     };
     let sent = tokio::time::timeout(close_timeout, ws.close(Some(frame))).await;
-    if wait && matches!(sent, Ok(Ok(()))) {
-        finish_handshake(ws, close_timeout).await;
+    if let (Some(frames), Ok(Ok(()))) = (frames, sent) {
+        let _ = tokio::time::timeout(close_timeout, async {
+            loop {
+                match frames.next_event() {
+                    Ok(Some(Event::Close(_))) | Err(_) => return,
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        if !matches!(frames.fill(ws.get_mut()).await, Ok(1..)) {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+        .await;
     }
 }
 
@@ -972,13 +1038,6 @@ async fn discard_until_closed(ws: &mut WsStream, close_timeout: Duration) {
     let mut buf = [0u8; 8192];
     let _ = tokio::time::timeout(close_timeout, async {
         while let Ok(1..) = ws.get_mut().read(&mut buf).await {}
-    })
-    .await;
-}
-
-async fn finish_handshake(ws: &mut WsStream, close_timeout: Duration) {
-    let _ = tokio::time::timeout(close_timeout, async {
-        while let Some(Ok(_)) = ws.next().await {}
     })
     .await;
 }
