@@ -9,8 +9,8 @@ set when a check fails.
 
 Checks: peers deliver messages in order, so each message's ``seq`` is checked against the next
 expected one. wspool hands results over in completion order from several workers: there, each
-``seq`` is checked against ``result.job.id`` (wspool's receipt order), and a bitmap checks that
-the set of seqs is complete with no duplicate.
+``seq`` is checked against ``result.id`` (the job id: wspool's receipt order), and a bitmap
+checks that the set of seqs is complete with no duplicate.
 
 Clients are registered in ``CLIENTS``; a new variant (e.g. wspool with a native processor for
 ``cpu``) is one more runner function and one more entry there.
@@ -256,7 +256,7 @@ def _wspool_feed(scenario: str, size: int, count: int) -> tuple[Callable[[Any], 
     latencies = array("q", bytes(8 * count))
 
     def failed(result: Any) -> CheckError:
-        return CheckError(f"job {result.job.id} failed: {result.error!r}")
+        return CheckError(f"job {result.id} failed: {result.error!r}")
 
     if scenario == "ref":
 
@@ -270,8 +270,8 @@ def _wspool_feed(scenario: str, size: int, count: int) -> tuple[Callable[[Any], 
                 raise failed(result)
             value = result.value
             seq = int(value[7 : value.index(b",", 7)])
-            if seq != result.job.id or seen[seq] or len(value) != size:
-                raise CheckError(f"job {result.job.id}: got {value[:40]!r}")
+            if seq != result.id or seen[seq] or len(value) != size:
+                raise CheckError(f"job {result.id}: got {value[:40]!r}")
             seen[seq] = 1
 
     elif scenario == "json":
@@ -282,8 +282,8 @@ def _wspool_feed(scenario: str, size: int, count: int) -> tuple[Callable[[Any], 
                 raise failed(result)
             doc = result.value
             seq = doc["seq"]
-            if seq != result.job.id or seen[seq]:
-                raise CheckError(f"job {result.job.id}: got seq {seq}")
+            if seq != result.id or seen[seq]:
+                raise CheckError(f"job {result.id}: got seq {seq}")
             seen[seq] = 1
             total += doc["v"]
 
@@ -297,8 +297,8 @@ def _wspool_feed(scenario: str, size: int, count: int) -> tuple[Callable[[Any], 
             doc = result.value
             seq = doc["seq"]
             latencies[seq] = now_ns() - doc["t"]
-            if seq != result.job.id or seen[seq]:
-                raise CheckError(f"job {result.job.id}: got seq {seq}")
+            if seq != result.id or seen[seq]:
+                raise CheckError(f"job {result.id}: got seq {seq}")
             seen[seq] = 1
             total += doc["v"]
 
@@ -309,8 +309,8 @@ def _wspool_feed(scenario: str, size: int, count: int) -> tuple[Callable[[Any], 
             if not result.ok:
                 raise failed(result)
             seq = result.job.data["seq"]
-            if seq != result.job.id or seen[seq]:
-                raise CheckError(f"job {result.job.id}: got seq {seq}")
+            if seq != result.id or seen[seq]:
+                raise CheckError(f"job {result.id}: got seq {seq}")
             seen[seq] = 1
             total += result.value
 
@@ -320,8 +320,8 @@ def _wspool_feed(scenario: str, size: int, count: int) -> tuple[Callable[[Any], 
             if not result.ok:
                 raise failed(result)
             seq = result.value
-            if seq != result.job.id:
-                raise CheckError(f"job {result.job.id}: got seq {seq}")
+            if seq != result.id:
+                raise CheckError(f"job {result.id}: got seq {seq}")
             done.mark(seq)
 
     else:
@@ -404,8 +404,8 @@ def run_wspool_native(job: Job) -> dict[str, Any]:
         for batch in stream.batches():
             for result in batch:
                 seq, v, pad = result.value
-                if seq != result.job.id or seen[seq]:
-                    raise CheckError(f"job {result.job.id}: got seq {seq}")
+                if seq != result.id or seen[seq]:
+                    raise CheckError(f"job {result.id}: got seq {seq}")
                 seen[seq] = 1
                 total += seq % 7 * v + len(pad)
     if stream.error is not None:

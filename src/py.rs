@@ -311,6 +311,12 @@ impl PyJobResult {
         self.job_obj(py)
     }
 
+    /// The job's id: `result.job.id` without making the `Job` object.
+    #[getter]
+    fn id(&self) -> u64 {
+        self.native.id
+    }
+
     /// What the handler returned (the decoded payload without a handler); None on error.
     #[getter]
     fn value(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {

@@ -23,7 +23,7 @@ def test_n_messages_give_n_results_with_exact_ids(mock_server):
     for r in results:
         assert r.ok and r.error is None
         # The server numbers its messages with seq; ids follow receipt order.
-        assert r.value["seq"] == r.job.id
+        assert r.value["seq"] == r.job.id == r.id
         assert r.job.data is r.value
         assert r.job.type == "text"
         assert r.job.connection == 0

@@ -36,6 +36,9 @@ class Result:
     def job(self) -> Job:
         """The job this result belongs to."""
     @property
+    def id(self) -> int:
+        """The job's id: ``result.job.id`` without making the ``Job`` object."""
+    @property
     def value(self) -> Any:
         """What the handler returned (the decoded payload without a handler); None on error."""
     @property
