@@ -14,10 +14,12 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::job::Kind;
 
-/// Reads ask for at least this much room, so that a busy socket is drained in few calls.
-const READ_ROOM: usize = 256 * 1024;
+/// Reads ask for at least this much room, so that a busy socket is drained in few calls. A
+/// message under `COPY_FROM` is a slice of the buffer and keeps it allocated while it lives:
+/// this is also the most memory one such message can hold (tungstenite's buffer was as large).
+const READ_ROOM: usize = 128 * 1024;
 /// Below this much free room, the buffer grows (or moves to a fresh one) before a read.
-const MIN_ROOM: usize = 64 * 1024;
+const MIN_ROOM: usize = 32 * 1024;
 /// Payloads from this size on are copied out of the read buffer rather than shared with it.
 /// A shared buffer is freed only when its last payload is, so the reader keeps moving to fresh
 /// memory, which the kernel must fault in and zero page by page: for large messages that costs
