@@ -360,6 +360,27 @@ struct DoneRun {
     vals: Option<Vec<u8>>,
 }
 
+/// Splits `items` (in id order) into runs of consecutive ids of at most `CHUNK_JOBS` each:
+/// (first id, last id, the run).
+fn consecutive_runs<'a, T>(
+    items: &'a [T],
+    id: impl Fn(&T) -> u64 + 'a,
+) -> impl Iterator<Item = (u64, u64, &'a [T])> + 'a {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        let head = id(rest.first()?);
+        let n = rest
+            .iter()
+            .take(CHUNK_JOBS)
+            .enumerate()
+            .take_while(|(i, item)| id(item) == head + *i as u64)
+            .count();
+        let (these, after) = rest.split_at(n);
+        rest = after;
+        Some((head, head + n as u64 - 1, these))
+    })
+}
+
 /// Whether a done run covers `id`.
 fn covered(runs: &[(u64, u64)], id: u64) -> bool {
     runs.iter().any(|&(f, l)| (f..=l).contains(&id))
@@ -449,25 +470,8 @@ type IdSet = HashSet<u64, std::hash::BuildHasherDefault<IdHasher>>;
 const RECENT_RUNS: usize = 256;
 
 impl Tracker {
-    /// One job of an open chunk finished; the chunk is closed once all of its jobs have.
-    fn finished(&mut self, tx: &rusqlite::Transaction<'_>, id: u64) -> rusqlite::Result<()> {
-        let Some((&first, &mut (last, ref mut left))) = self.open.range_mut(..=id).next_back()
-        else {
-            return Ok(());
-        };
-        if id > last {
-            return Ok(());
-        }
-        *left = left.saturating_sub(1);
-        if *left == 0 {
-            self.open.remove(&first);
-            tx.prepare_cached("DELETE FROM open_chunks WHERE first_id = ?1")?
-                .execute([first as i64])?;
-        }
-        Ok(())
-    }
-
-    /// Jobs `first..=last` finished: as `finished` for each, a chunk at a time.
+    /// Jobs `first..=last` of open chunks finished; a chunk is closed once all of its jobs
+    /// have.
     fn finished_range(
         &mut self,
         tx: &rusqlite::Transaction<'_>,
@@ -1199,22 +1203,12 @@ impl Journal {
                 .prepare_cached("INSERT INTO open_chunks (first_id, last_id) VALUES (?1, ?2)")
                 .map_err(sql)?;
             // A chunk holds consecutive ids (the read loop numbers messages in order).
-            let mut rest = inserts;
-            while let Some((head, _)) = rest.first() {
-                let n = rest
-                    .iter()
-                    .take(CHUNK_JOBS)
-                    .enumerate()
-                    .take_while(|(i, (job, _))| job.id == head.id + *i as u64)
-                    .count();
-                let (these, after) = rest.split_at(n);
-                let last = head.id + n as u64 - 1;
+            for (first, last, these) in consecutive_runs(inserts, |(job, _)| job.id) {
                 chunk
-                    .execute(params![head.id as i64, last as i64, pack(these)])
+                    .execute(params![first as i64, last as i64, pack(these)])
                     .map_err(sql)?;
-                open.execute([head.id as i64, last as i64]).map_err(sql)?;
-                tracker.open.insert(head.id, (last, n as u64));
-                rest = after;
+                open.execute([first as i64, last as i64]).map_err(sql)?;
+                tracker.open.insert(first, (last, these.len() as u64));
             }
             let mut start = tx
                 .prepare_cached(
@@ -1270,7 +1264,7 @@ impl Journal {
                     continue;
                 };
                 let stated = tracker.stated.remove(&id);
-                tracker.finished(&tx, id).map_err(sql)?;
+                tracker.finished_range(&tx, id, id).map_err(sql)?;
                 // Done on a first run: into a done run (with its value, if any).
                 let outcome = match (stated, change.started_at, outcome) {
                     (false, Some(_), Outcome::Done { value: None }) => {
@@ -1339,27 +1333,17 @@ impl Journal {
                      VALUES (?1, ?2, ?3, ?4)",
                 )
                 .map_err(sql)?;
-            let mut rest = &valued[..];
-            while let Some(((head, _), _)) = rest.split_first() {
-                let head = *head;
-                let n = rest
-                    .iter()
-                    .take(CHUNK_JOBS)
-                    .enumerate()
-                    .take_while(|(i, (id, _))| *id == head + *i as u64)
-                    .count();
-                let (these, after) = rest.split_at(n);
+            for (first, last, these) in consecutive_runs(&valued, |(id, _)| *id) {
                 let values = these.iter().map(|(_, v)| v);
                 let finished_at = values.clone().map(|v| v.finished_at).fold(0.0, f64::max);
                 insert
                     .execute(params![
-                        head as i64,
-                        (head + n as u64 - 1) as i64,
+                        first as i64,
+                        last as i64,
                         finished_at,
                         pack_values(values)
                     ])
                     .map_err(sql)?;
-                rest = after;
             }
         }
         tx.commit().map_err(sql)?;
