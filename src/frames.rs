@@ -47,29 +47,25 @@ impl<S> Tap<S> {
             matched: 0,
         }
     }
+}
 
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// How many bytes of `data` (which follow what was returned so far) belong to the headers,
-    /// updating the match state.
-    fn header_part(&mut self, data: &[u8]) -> usize {
-        for (i, &b) in data.iter().enumerate() {
-            let want = b"\r\n\r\n"[self.matched as usize];
-            self.matched = if b == want {
-                self.matched + 1
-            } else if b == b'\r' {
-                1
-            } else {
-                0
-            };
-            if self.matched == 4 {
-                return i + 1;
-            }
+/// How many bytes of `data` (which follow what was returned so far) belong to the headers;
+/// `matched` is how much of `\r\n\r\n` the bytes so far end with (4: the headers are over).
+fn header_part(matched: &mut u8, data: &[u8]) -> usize {
+    for (i, &b) in data.iter().enumerate() {
+        let want = b"\r\n\r\n"[*matched as usize];
+        *matched = if b == want {
+            *matched + 1
+        } else if b == b'\r' {
+            1
+        } else {
+            0
+        };
+        if *matched == 4 {
+            return i + 1;
         }
-        data.len()
     }
+    data.len()
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Tap<S> {
@@ -82,8 +78,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tap<S> {
         if !this.held.is_empty() {
             let n = this.held.len().min(buf.remaining());
             let n = if this.matched < 4 {
-                let head = this.held[..n].to_vec();
-                this.header_part(&head)
+                header_part(&mut this.matched, &this.held[..n])
             } else {
                 n
             };
@@ -100,7 +95,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tap<S> {
         match Pin::new(&mut this.inner).poll_read(cx, &mut side_buf) {
             Poll::Ready(Ok(())) => {
                 let got = side_buf.filled();
-                let n = this.header_part(got);
+                let n = header_part(&mut this.matched, got);
                 buf.put_slice(&got[..n]);
                 this.held.extend_from_slice(&got[n..]);
                 Poll::Ready(Ok(()))

@@ -375,7 +375,7 @@ fn read_error(e: WsError) -> Error {
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)
         | WsError::ConnectionClosed
         | WsError::AlreadyClosed => dropped("the connection was dropped without a close frame"),
-        WsError::Io(io) => dropped(&format!("the connection was lost: {io}")),
+        WsError::Io(io) => lost(&io),
         WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
             Error::MessageTooBig {
                 size,
@@ -468,9 +468,9 @@ fn frame_failed(e: FrameError) -> Stop {
     }
 }
 
-/// Why reading stopped on a failed read.
-fn lost(e: std::io::Error) -> Stop {
-    Stop::Failed(dropped(&format!("the connection was lost: {e}")))
+/// A failed read or write on the socket.
+fn lost(e: &std::io::Error) -> Error {
+    dropped(&format!("the connection was lost: {e}"))
 }
 
 /// How a connection ended, for the loop that may reconnect.
@@ -677,7 +677,7 @@ impl Reader {
                     match frames.fill(ws.get_mut()).now_or_never() {
                         Some(Ok(0)) => return Stop::Failed(ended()),
                         Some(Ok(_)) => continue,
-                        Some(Err(e)) => return lost(e),
+                        Some(Err(e)) => return Stop::Failed(lost(&e)),
                         None if !batch.is_empty() => {
                             // Nothing more at once: hand the run to the workers before waiting.
                             if let Err(stop) = self.enqueue_all(ws, batch).await {
@@ -724,7 +724,7 @@ impl Reader {
                                 pinged_at = None;
                                 continue;
                             }
-                            Err(e) => return lost(e),
+                            Err(e) => return Stop::Failed(lost(&e)),
                         },
                     }
                     idle += waiting.elapsed();
