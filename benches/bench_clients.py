@@ -8,8 +8,10 @@ threads) and, for ``latency``, percentiles of send-to-result times. It exits 1 w
 set when a check fails.
 
 Checks: peers deliver messages in order, so each message's ``seq`` is checked against the next
-expected one. wspool hands results over in completion order from several workers: there, each
-``seq`` is checked against ``result.id`` (the job id: wspool's receipt order), and a bitmap
+expected one. So is wspool's without a handler (``ref``, ``count``, ``large``, ``json``,
+``latency``), which takes the payloads as plain values in receipt order. With a handler
+(``cpu``, ``work``) wspool hands results over in completion order from several workers: there,
+each ``seq`` is checked against ``result.id`` (the job id: wspool's receipt order), and a bitmap
 checks that the set of seqs is complete with no duplicate.
 
 Clients are registered in ``CLIENTS``; a new variant (e.g. wspool with a native processor for
@@ -39,6 +41,8 @@ SCENARIOS = ("ref", "count", "json", "large", "work", "cpu", "latency")
 # Scenarios where wspool and picows take payloads as bytes (their fastest access); websockets
 # and aiohttp yield str for text frames whatever the scenario.
 BINARY_SCENARIOS = ("ref", "count", "large")
+# Scenarios where wspool has no handler: it hands over plain values (``batches(values=True)``).
+VALUE_SCENARIOS = ("ref", "count", "large", "json", "latency")
 OnMessage = Callable[[Any], None]
 
 
@@ -83,16 +87,25 @@ def expected_checksum(scenario: str, count: int, size: int) -> Optional[int]:
     return None
 
 
+def _as_is(doc: Any) -> Any:
+    return doc
+
+
 class Sink:
     """Per-message work and checks for clients that deliver messages in order.
 
     ``feed(message)`` takes a message (str, or bytes when ``binary``) and raises CheckError on a
-    wrong one; ``summary()`` gives what the run reports.
+    wrong one; ``summary()`` gives what the run reports. With ``parsed``, the ``json`` and
+    ``latency`` messages come already decoded to a dict (wspool decodes natively), so the feed
+    skips ``json.loads``; the checks are the same.
     """
 
-    def __init__(self, scenario: str, size: int, count: int, binary: bool = False) -> None:
+    def __init__(
+        self, scenario: str, size: int, count: int, binary: bool = False, parsed: bool = False
+    ) -> None:
         self.scenario = scenario
         self.comma: Any = b"," if binary else ","
+        self.loads: Callable[[Any], Any] = _as_is if parsed else json.loads
         self._summary: Callable[[], dict[str, Any]]
         self.feed: OnMessage = getattr(self, f"_make_{scenario}")(size, count)
 
@@ -140,11 +153,28 @@ class Sink:
     def _make_json(self, size: int, count: int) -> OnMessage:
         expected = 0
         total = 0
-        loads = json.loads
+        loads = self.loads
+        if loads is _as_is:
+            return self._make_parsed_json()
 
         def feed(message: str) -> None:
             nonlocal expected, total
             doc = loads(message)
+            if doc["seq"] != expected:
+                raise CheckError(f"expected seq {expected}, got {doc['seq']}")
+            total += doc["v"]
+            expected += 1
+
+        self._summary = lambda: {"count": expected, "checksum": total}
+        return feed
+
+    def _make_parsed_json(self) -> OnMessage:
+        # _make_json's feed for dicts (no call to make one from the message).
+        expected = 0
+        total = 0
+
+        def feed(doc: dict[str, Any]) -> None:
+            nonlocal expected, total
             if doc["seq"] != expected:
                 raise CheckError(f"expected seq {expected}, got {doc['seq']}")
             total += doc["v"]
@@ -172,7 +202,7 @@ class Sink:
     def _make_latency(self, size: int, count: int) -> OnMessage:
         expected = 0
         total = 0
-        loads = json.loads
+        loads = self.loads
         now_ns = time.time_ns
         latencies = array("q", bytes(8 * count))
 
@@ -233,76 +263,24 @@ class Completion:
 # -- wspool ---------------------------------------------------------------------------------------
 
 
-def _drain(stream: Any, feed: Callable[[Any], None], scenario: str) -> int:
-    """Hands every result to ``feed``, taking them a list at a time (``Stream.batches()``);
-    for ``ref`` only counts them, a list at a time. Returns how many results came."""
-    counted = 0
-    if scenario == "ref":
-        for batch in stream.batches():
-            counted += len(batch)
-        return counted
+def _drain(stream: Any, feed: Callable[[Any], None]) -> None:
+    """Hands every result to ``feed``, taking them a list at a time (``Stream.batches()``)."""
     for batch in stream.batches():
-        counted += len(batch)
         for result in batch:
             feed(result)
-    return counted
 
 
-def _wspool_feed(scenario: str, size: int, count: int) -> tuple[Callable[[Any], None], Any]:
-    """The per-result work for wspool (results come in completion order), and its summary."""
+def _wspool_feed(scenario: str, count: int) -> tuple[Callable[[Any], None], Any]:
+    """The per-result work for wspool's handler scenarios (``cpu``, ``work``; results come in
+    completion order, so each is checked against its job id), and its summary."""
     done = Completion(count)
     seen = done.seen
     total = 0
-    latencies = array("q", bytes(8 * count))
 
     def failed(result: Any) -> CheckError:
         return CheckError(f"job {result.id} failed: {result.error!r}")
 
-    if scenario == "ref":
-
-        def feed(result: Any) -> None:
-            raise AssertionError("ref results are only counted, by _drain")
-
-    elif scenario in ("count", "large"):
-
-        def feed(result: Any) -> None:
-            if not result.ok:
-                raise failed(result)
-            value = result.value
-            seq = int(value[7 : value.index(b",", 7)])
-            if seq != result.id or seen[seq] or len(value) != size:
-                raise CheckError(f"job {result.id}: got {value[:40]!r}")
-            seen[seq] = 1
-
-    elif scenario == "json":
-
-        def feed(result: Any) -> None:
-            nonlocal total
-            if not result.ok:
-                raise failed(result)
-            doc = result.value
-            seq = doc["seq"]
-            if seq != result.id or seen[seq]:
-                raise CheckError(f"job {result.id}: got seq {seq}")
-            seen[seq] = 1
-            total += doc["v"]
-
-    elif scenario == "latency":
-        now_ns = time.time_ns
-
-        def feed(result: Any) -> None:
-            nonlocal total
-            if not result.ok:
-                raise failed(result)
-            doc = result.value
-            seq = doc["seq"]
-            latencies[seq] = now_ns() - doc["t"]
-            if seq != result.id or seen[seq]:
-                raise CheckError(f"job {result.id}: got seq {seq}")
-            seen[seq] = 1
-            total += doc["v"]
-
-    elif scenario == "cpu":
+    if scenario == "cpu":
 
         def feed(result: Any) -> None:
             nonlocal total
@@ -327,20 +305,11 @@ def _wspool_feed(scenario: str, size: int, count: int) -> tuple[Callable[[Any], 
     else:
         raise ValueError(scenario)
 
-    def summary(counted: int) -> dict[str, Any]:
-        if scenario == "ref":
-            return {"count": counted, "checksum": None}
-        if scenario != "work":
+    def summary() -> dict[str, Any]:
+        if scenario == "cpu":
             done.done = count - seen.count(0)
         done.check()
-        out: dict[str, Any] = {"count": done.done, "checksum": total}
-        if scenario in ("count", "large"):
-            out["checksum"] = None
-        elif scenario == "work":
-            out["checksum"] = done.total
-        elif scenario == "latency":
-            out["latency_ms"] = percentiles(latencies)
-        return out
+        return {"count": done.done, "checksum": total if scenario == "cpu" else done.total}
 
     return feed, summary
 
@@ -359,31 +328,68 @@ def _cpu_handler(job: Any) -> int:
 
 def run_wspool(job: Job, workers: Optional[int] = None) -> dict[str, Any]:
     """wspool with a Python handler where the scenario has one (``work``, ``cpu``); ``workers``
-    None is wspool's default (one per core)."""
+    None is wspool's default (one per core, one for bytes without a handler)."""
+    if job.scenario in VALUE_SCENARIOS:
+        return _run_wspool_values(job, workers)
     import wspool
 
-    # bytes: measured faster than "text" for the plain-count scenarios (no str to build).
-    decode = "bytes" if job.scenario in BINARY_SCENARIOS else "json"
     handler: Optional[Callable[[Any], Any]] = None
     if job.scenario == "work":
         handler, workers = _sleep_handler(job.sleep), job.workers
     elif job.scenario == "cpu":
         handler = _cpu_handler
-    feed, summary = _wspool_feed(job.scenario, job.size, job.count)
+    feed, summary = _wspool_feed(job.scenario, job.count)
     with wspool.consume(
         _with_count(job.url, job.count),
         handler,
-        decode=decode,
+        decode="json",
         workers=workers,
         timeout=job.deadline,
     ) as stream:
-        counted = _drain(stream, feed, job.scenario)
+        _drain(stream, feed)
     if stream.error is not None:
         raise stream.error
     if stream.stats.failed:
         raise CheckError(f"{stream.stats.failed} jobs failed")
-    result = summary(counted)
+    result = summary()
     result["note"] = f"workers={stream.stats.workers}, results in completion order"
+    return result
+
+
+def _run_wspool_values(job: Job, workers: Optional[int]) -> dict[str, Any]:
+    """The scenarios without a handler: the payloads (bytes, or dicts for json) come as plain
+    values, ``Stream.batches(values=True)``, in receipt order: naturally with one worker (the
+    default for bytes without a handler), through ``ordered=True`` with more. Each goes
+    through the same ``Sink`` check as the peers' messages (``seq`` against the next
+    expected)."""
+    import wspool
+
+    binary = job.scenario in BINARY_SCENARIOS
+    decode = "bytes" if binary else "json"
+    sink = Sink(job.scenario, job.size, job.count, binary, parsed=not binary)
+    feed = sink.feed
+    counted = 0
+    with wspool.consume(
+        _with_count(job.url, job.count),
+        decode=decode,
+        workers=workers,
+        ordered=workers != 1 and not binary,
+        timeout=job.deadline,
+    ) as stream:
+        if job.scenario == "ref":
+            for batch in stream.batches(values=True):
+                counted += len(batch)
+        else:
+            for batch in stream.batches(values=True):
+                for value in batch:
+                    feed(value)
+    if stream.error is not None:
+        raise stream.error
+    result = sink.summary()
+    if job.scenario == "ref":
+        result["count"] = counted
+    order = "one worker" if stream.stats.workers == 1 else "ordered=True"
+    result["note"] = f"workers={stream.stats.workers}, values in receipt order ({order})"
     return result
 
 

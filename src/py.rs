@@ -764,13 +764,44 @@ fn one_or_tuple<'py, T>(
     })
 }
 
+/// The value of a `Select` result, from the processor's own parse or the decoded JSON.
+fn selected_value(
+    py: Python<'_>,
+    keys: &KeyCache,
+    data: &Data,
+    own: &Option<Json>,
+    picks: &[Option<usize>],
+) -> PyResult<Py<PyAny>> {
+    match (own, data) {
+        (Some(doc), _) | (None, Data::Json(doc)) => picked(py, doc, picks, keys),
+        (None, _) => Ok(py.None()),
+    }
+}
+
+/// Whether a job's outcome is a value (not an error).
+fn out_ok(out: &Out) -> bool {
+    match out {
+        Out::Native(_, decoded) => decoded.is_ok(),
+        Out::Selected(..) => true,
+        Out::Done(result) => result.get().error.is_none(),
+        Out::Panicked(..) => false,
+    }
+}
+
+/// The value of a job that succeeded (see `out_ok`), made without a `Result` object.
+fn out_value(py: Python<'_>, keys: &Arc<KeyCache>, out: Out) -> PyResult<Py<PyAny>> {
+    match out {
+        Out::Native(_, Ok(data)) => data_to_py(py, &data, keys),
+        Out::Selected(_, data, own, picks) => selected_value(py, keys, &data, &own, &picks),
+        Out::Done(result) => result.get().value(py),
+        failed => Ok(out_to_py(py, keys, failed)?.into_any()),
+    }
+}
+
 fn out_to_py(py: Python<'_>, keys: &Arc<KeyCache>, out: Out) -> PyResult<Py<PyJobResult>> {
     match out {
         Out::Selected(job, data, own, picks) => {
-            let value = match (&own, &data) {
-                (Some(doc), _) | (None, Data::Json(doc)) => picked(py, doc, &picks, keys)?,
-                (None, _) => py.None(),
-            };
+            let value = selected_value(py, keys, &data, &own, &picks)?;
             let result = PyJobResult {
                 native: Native::new(job, Some(data), keys),
                 job: OnceLock::new(),
@@ -984,6 +1015,34 @@ fn event_hook(callback: Py<PyAny>) -> EventHook {
     }))
 }
 
+/// What `next_values` returns: the leading values, and the rest as `Result`s from the first
+/// failed one on.
+type ValuesAndRest<'py> = (Bound<'py, PyList>, Option<Bound<'py, PyList>>);
+
+impl NativeStream {
+    /// Waits (GIL released, signals checked) for up to `max` results: Some(items), or
+    /// Some(empty) when `timeout` seconds passed without one; None when the stream is over;
+    /// the error that ended it abnormally, once.
+    fn wait_items(
+        &self,
+        py: Python<'_>,
+        max: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<Vec<Out>>> {
+        let inner = &self.inner;
+        let batch = wait_slices(py, timeout, |slice| match inner.next_batch(max, slice) {
+            Batch::Pending => None,
+            other => Some(other),
+        })?;
+        match batch {
+            Some(Batch::Items(items)) => Ok(Some(items)),
+            Some(Batch::End(Some(e))) => Err(to_pyerr(py, e)),
+            Some(_) => Ok(None),
+            None => Ok(Some(Vec::new())),
+        }
+    }
+}
+
 #[pymethods]
 impl NativeStream {
     /// Checks the arguments and starts the threads; the connection opens in the background
@@ -1132,23 +1191,45 @@ impl NativeStream {
         max: usize,
         timeout: Option<f64>,
     ) -> PyResult<Option<Bound<'py, PyList>>> {
-        let inner = &self.inner;
-        let batch = wait_slices(py, timeout, |slice| match inner.next_batch(max, slice) {
-            Batch::Pending => None,
-            other => Some(other),
-        })?;
-        match batch {
-            Some(Batch::Items(items)) => {
-                let converted = items
-                    .into_iter()
+        let Some(items) = self.wait_items(py, max, timeout)? else {
+            return Ok(None);
+        };
+        let converted = items
+            .into_iter()
+            .map(|o| out_to_py(py, &self.keys, o))
+            .collect::<PyResult<Vec<_>>>()?;
+        Ok(Some(PyList::new(py, converted)?))
+    }
+
+    /// Like `next_batch`, but the results' values without `Result` objects: `(values, rest)`,
+    /// the values of the leading successful results and, from the first failed one on, the
+    /// rest of the batch as `Result`s (None when every one succeeded); `([], None)` when
+    /// `timeout` seconds passed without a result; None when the stream is over.
+    #[pyo3(signature = (max = 1024, timeout = None))]
+    fn next_values<'py>(
+        &self,
+        py: Python<'py>,
+        max: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<ValuesAndRest<'py>>> {
+        let Some(mut items) = self.wait_items(py, max, timeout)? else {
+            return Ok(None);
+        };
+        let rest = match items.iter().position(|o| !out_ok(o)) {
+            Some(at) => {
+                let rest = items
+                    .drain(at..)
                     .map(|o| out_to_py(py, &self.keys, o))
                     .collect::<PyResult<Vec<_>>>()?;
-                Ok(Some(PyList::new(py, converted)?))
+                Some(PyList::new(py, rest)?)
             }
-            Some(Batch::End(Some(e))) => Err(to_pyerr(py, e)),
-            Some(_) => Ok(None),
-            None => Ok(Some(PyList::empty(py))),
-        }
+            None => None,
+        };
+        let values = items
+            .into_iter()
+            .map(|o| out_value(py, &self.keys, o))
+            .collect::<PyResult<Vec<_>>>()?;
+        Ok(Some((PyList::new(py, values)?, rest)))
     }
 
     /// Stop reading and send a close frame; queued jobs still finish. Returns at once.

@@ -217,11 +217,17 @@ def test_on_result_runs_once_per_result_never_concurrently(mock_server):
     assert stats.processed == 2000
 
 
-def test_default_workers_is_cpu_count(mock_server):
+def test_default_workers_is_cpu_count_unless_there_is_nothing_to_share(mock_server):
     server = mock_server(count=1)
-    with wspool.consume(server.url) as stream:
-        assert stream.stats.workers == os.cpu_count()
-        list(stream)
+    for handler, decode, workers in [
+        (lambda job: None, "text", os.cpu_count()),
+        (None, "json", os.cpu_count()),
+        (None, "text", 1),
+        (None, "bytes", 1),
+    ]:
+        with wspool.consume(server.url, handler, decode=decode) as stream:
+            assert stream.stats.workers == workers, (handler, decode)
+            list(stream)
 
 
 def test_early_exit_finishes_started_jobs_and_leaves_no_thread(mock_server, threads):

@@ -131,3 +131,117 @@ def test_select_one_field_is_the_bare_value_and_works_on_bytes(mock_server):
 def test_select_refuses_bad_fields(fields):
     with pytest.raises(ValueError):
         wspool.Select(*fields)
+
+
+# -- values without Result objects ------------------------------------------------------------
+
+
+def test_values_are_the_payloads_in_receipt_order(mock_server):
+    n = 5000
+    server = mock_server(count=n)
+    with wspool.consume(server.url, decode="bytes") as stream:
+        values = list(stream.values())
+    # No handler and bytes: one worker by default, so receipt order.
+    assert stream.stats.workers == 1
+    assert [json.loads(v)["seq"] for v in values] == list(range(n))
+    assert all(isinstance(v, bytes) for v in values)
+    assert stream.stats.processed == n
+
+
+def test_value_batches_hold_handler_values_and_json(mock_server):
+    n = 3000
+    server = mock_server(count=n)
+    with wspool.consume(server.url, lambda job: job.data["seq"] * 3, decode="json") as stream:
+        got = []
+        for batch in stream.batches(values=True):
+            assert isinstance(batch, list) and 1 <= len(batch) <= 1024
+            got.extend(batch)
+    assert sorted(got) == [3 * i for i in range(n)]
+    with wspool.consume(mock_server(count=100).url, decode="json") as stream:
+        docs = [doc for batch in stream.batches(values=True) for doc in batch]
+    assert sorted(d["seq"] for d in docs) == list(range(100))
+
+
+def test_a_failed_job_raises_job_failed_and_iteration_goes_on_after_it(mock_server):
+    server = mock_server(count=400)
+
+    def handler(job: wspool.Job) -> int:
+        if job.data["seq"] % 100 == 7:
+            raise KeyError(f"no {job.id}")
+        return job.data["seq"]
+
+    got: list[int] = []
+    failures: list[wspool.JobFailed] = []
+    with wspool.consume(server.url, handler, decode="json", workers=1) as stream:
+        while True:
+            try:
+                got.extend(stream.values())
+                break
+            except wspool.JobFailed as failed:
+                failures.append(failed)
+    assert got == [i for i in range(400) if i % 100 != 7]
+    assert [f.job_id for f in failures] == [7, 107, 207, 307]
+    first = failures[0]
+    assert isinstance(first.__cause__, KeyError) and first.__cause__ is first.result.error
+    assert first.result.id == 7 and not first.result.ok
+    assert "job 7 failed: KeyError" in str(first) and "no 7" in str(first)
+    assert isinstance(first, wspool.WspoolError)
+
+
+def test_skipped_failures_are_counted_and_decode_errors_fail_the_job(mock_server):
+    server = mock_server(messages=['{"a": 1}', "{not json", '{"a": 3}', "[", '{"a": 5}'])
+    with wspool.consume(server.url, decode="json", workers=1) as stream:
+        got = list(stream.values(failed="skip"))
+    assert got == [{"a": 1}, {"a": 3}, {"a": 5}]
+    assert stream.stats.failed == 2
+    with wspool.consume(server.url, decode="json", workers=1) as stream:
+        with pytest.raises(wspool.JobFailed) as caught:
+            for batch in stream.batches(values=True):
+                assert batch == [{"a": 1}], "the values before a failure come first"
+        assert isinstance(caught.value.__cause__, wspool.DecodeError)
+        assert caught.value.job_id == 1
+        assert list(stream.values(failed="skip")) == [{"a": 3}, {"a": 5}]
+
+
+def test_values_lose_nothing_across_a_break_or_a_switch_from_results(mock_server):
+    n = 3000
+    server = mock_server(count=n)
+    with wspool.consume(server.url, decode="json", workers=2) as stream:
+        seqs = [next(iter(stream)).value["seq"]]
+        for doc in stream.values():
+            seqs.append(doc["seq"])
+            if len(seqs) == 10:
+                break
+        for batch in stream.batches(values=True):
+            seqs.extend(doc["seq"] for doc in batch)
+            break
+        seqs.extend(r.value["seq"] for r in stream)
+    assert sorted(seqs) == list(range(n))
+
+
+def test_values_with_on_result_still_pass_every_result_to_it(mock_server):
+    n = 1000
+    server = mock_server(count=n)
+    seen: list[int] = []
+    with wspool.consume(server.url, decode="json", on_result=lambda r: seen.append(r.id)) as stream:
+        values = list(stream.values())
+    assert sorted(seen) == list(range(n))
+    assert sorted(v["seq"] for v in values) == list(range(n))
+
+
+def test_values_raise_the_error_that_ended_the_stream(mock_server):
+    server = mock_server(count=50, close_code=1011, close_reason="boom")
+    got = []
+    with pytest.raises(wspool.ConnectionClosed) as caught:
+        with wspool.consume(server.url) as stream:
+            got.extend(stream.values())
+    assert len(got) == 50 and caught.value.code == 1011
+
+
+@pytest.mark.parametrize("failed", ["ignore", None, ""])
+def test_values_refuse_an_unknown_failed_policy(mock_server, failed):
+    with wspool.consume(mock_server(count=1).url) as stream:
+        with pytest.raises(ValueError, match="failed must be"):
+            stream.values(failed=failed)
+        with pytest.raises(ValueError, match="failed must be"):
+            stream.batches(values=True, failed=failed)

@@ -153,6 +153,13 @@ class NativeStream:
     ) -> Optional[list[Result]]:
         """Up to ``max`` results, waiting for the first; None when the stream is over; an
         empty list when ``timeout`` seconds passed without one."""
+    def next_values(
+        self, max: int = 1024, timeout: Optional[float] = None
+    ) -> Optional[tuple[list[Any], Optional[list[Result]]]]:
+        """Up to ``max`` results as ``(values, rest)``: the values of the leading successful
+        ones and, from the first failed one on, the rest as Results (None if none failed);
+        ``([], None)`` when ``timeout`` seconds passed without one; None when the stream is
+        over."""
     def close(self) -> None:
         """Stop reading and send a close frame; queued jobs still finish."""
     def cancel(self, going_away: bool = False) -> None:

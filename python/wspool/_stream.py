@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Union
 
 from . import _native
 from ._native import Job, Result, Select, Stats
-from .exceptions import WspoolError
+from .exceptions import JobFailed, WspoolError
 from .journal import JobRecord
 
 __all__ = ["Event", "Reconnect", "Stream", "consume", "run"]
@@ -371,6 +371,8 @@ class Stream:
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._pending: Optional[concurrent.futures.Future[Optional[list[Result]]]] = None
         self._buffer: collections.deque[Result] = collections.deque()
+        # Values taken for `values()` and not yet yielded.
+        self._values: collections.deque[Any] = collections.deque()
         # Results not yet passed to on_result (if it raised, the rest wait here).
         self._undelivered: collections.deque[Result] = collections.deque()
         self._lock = threading.RLock()
@@ -409,11 +411,50 @@ class Stream:
             self._resume.last = result.job
         return result
 
-    def batches(self) -> Iterator[list[Result]]:
+    def batches(self, values: bool = False, *, failed: str = "raise") -> Iterator[list[Any]]:
         """Yields the results in lists, each holding what had arrived (at most ``batch_size``),
         waiting for at least one: the fastest way to consume a busy stream, since the
         per-result cost of iteration is paid once per list. Ends, or raises the error that
-        ended the stream, as iteration does; ``on_result`` still sees every result."""
+        ended the stream, as iteration does; ``on_result`` still sees every result.
+
+        With ``values=True`` the lists hold each result's ``value`` instead of the
+        :class:`Result` (as :meth:`values` does): no ``Result`` object is made for them,
+        which is the fastest path when the ids and jobs are not needed. ``failed`` says what
+        a failed job does then: ``"raise"`` (default) raises :class:`JobFailed` once the
+        values before it are yielded; ``"skip"`` leaves it out (it is still counted in
+        ``stats.failed`` and passed to ``on_result``).
+        """
+        if failed not in ("raise", "skip"):
+            raise ValueError(f'failed must be "raise" or "skip", not {failed!r}')
+        if values:
+            return self._value_batches(failed == "skip")
+        return self._result_batches()
+
+    def values(self, *, failed: str = "raise") -> Iterator[Any]:
+        """Yields each result's ``value`` (the decoded payload without a handler), without
+        making :class:`Result` objects: for streams where the job ids and errors are not
+        wanted one by one. A failed job raises :class:`JobFailed` (``failed="raise"``, the
+        default; iterating again goes on after it) or is left out (``failed="skip"``; it is
+        still counted in ``stats.failed``)."""
+        if failed not in ("raise", "skip"):
+            raise ValueError(f'failed must be "raise" or "skip", not {failed!r}')
+        return self._value_iter(failed == "skip")
+
+    def _value_iter(self, skip: bool) -> Iterator[Any]:
+        # Values taken but not yet yielded wait in `_values`, so breaking out of the loop and
+        # iterating again loses nothing.
+        pending = self._values
+        take = pending.popleft
+        batches = self._value_batches(skip)
+        while True:
+            while pending:
+                yield take()
+            batch = next(batches, None)
+            if batch is None:
+                return
+            pending.extend(batch)
+
+    def _result_batches(self) -> Iterator[list[Result]]:
         buffer = self._buffer
         while self._wait_buffered():
             batch = list(buffer)
@@ -421,6 +462,49 @@ class Stream:
             if self._resume is not None:
                 self._resume.last = batch[-1].job
             yield batch
+
+    def _value_batches(self, skip: bool) -> Iterator[list[Any]]:
+        # Results already made (left by iteration, or the rest of a batch after a failed one)
+        # are unwrapped here; the rest come from the native side as plain values, unless
+        # on_result or a subscribe callable needs every Result.
+        buffer = self._buffer
+        resume = self._resume
+        while True:
+            if self._values:
+                out = list(self._values)
+                self._values.clear()
+                yield out
+            elif buffer:
+                out = []
+                while buffer:
+                    result = buffer.popleft()
+                    if resume is not None:
+                        resume.last = result.job
+                    if result.ok:
+                        out.append(result.value)
+                    elif skip:
+                        continue
+                    elif out:
+                        # Yield what came before it first; it raises on the next round.
+                        buffer.appendleft(result)
+                        break
+                    else:
+                        raise JobFailed(result) from result.error
+                if out:
+                    yield out
+            elif self._on_result is not None or resume is not None:
+                if not self._wait_buffered():
+                    return
+            else:
+                got = self._fetch(self._native.next_values)
+                if got is None:
+                    self._raise_error()
+                    return
+                batch, rest = got
+                if rest is not None:
+                    buffer.extend(rest)
+                if batch:
+                    yield batch
 
     def _wait_buffered(self) -> bool:
         """Fills the buffer until it holds a result: True then; False once the stream is over
@@ -464,27 +548,35 @@ class Stream:
         """Moves one batch from the native side into the buffer and passes each result to
         ``on_result``. False once the stream is over. Raises _Stalled when ``stall_timeout``
         seconds pass without a result."""
+        batch = self._fetch(self._native.next_batch, stall_timeout)
+        if batch is None:
+            return False
+        if batch == []:
+            raise _Stalled
+        return self._take(batch)
+
+    def _fetch(self, fetch: Callable[[int, Optional[float]], Any], timeout: Any = None) -> Any:
+        """One batch from the native side through ``fetch`` (``next_batch`` or
+        ``next_values``), after delivering what ``on_result`` has not seen yet; None once the
+        stream is over (its error, if any, kept for ``_raise_error``)."""
         with self._lock:
             self._deliver()
             if self._finished:
                 # Ended by another thread (cancel): its threads must be gone here too.
                 if not self._joined:
                     self._join(self._close_timeout)
-                return False
+                return None
             self._ensure_connected()
             try:
-                batch = self._native.next_batch(self._batch_size, stall_timeout)
+                batch = fetch(self._batch_size, timeout)
             except WspoolError as error:
                 self._finish(error)
-                return False
-            if batch == []:
-                raise _Stalled
-            return self._take(batch)
+                return None
+            if batch is None:
+                self._finish(None)
+            return batch
 
-    def _take(self, batch: Optional[list[Result]]) -> bool:
-        if batch is None:
-            self._finish(None)
-            return False
+    def _take(self, batch: list[Result]) -> bool:
         # Buffered first: if on_result raises, the batch is still there for the iterator, and
         # the results it has not seen yet are passed to it on the next fill or close.
         self._buffer.extend(batch)
@@ -805,7 +897,9 @@ def consume(
             becomes ``result.value`` and an exception it raises becomes ``result.error`` (the
             stream goes on). An ``async def`` handler runs on one event loop in a dedicated
             thread, at most ``workers`` at once. ``None``: the value is the decoded payload.
-        workers: size of the pool; default ``os.cpu_count()``.
+        workers: size of the pool; default ``os.cpu_count()``, except for a stream with no
+            handler and ``decode="bytes"`` or ``"text"``, which has nothing for several workers
+            to share: one, so its results also come in receipt order.
         decode: ``"bytes"``, ``"text"`` (default) or ``"json"``; done on the workers without the
             GIL. A payload that does not decode gives a result whose error is a DecodeError.
         subscribe: a str, bytes, dict (sent as JSON) or a list of them, sent in order right
@@ -880,7 +974,9 @@ def consume(
     if decode not in _DECODES:
         raise ValueError(f'decode must be "bytes", "text" or "json", not {decode!r}')
     if workers is None:
-        workers = os.cpu_count() or 1
+        # Without a handler, the workers of a bytes or text stream only hand payloads on: one
+        # is enough (more only contend for the cores with the reading thread and yours).
+        workers = 1 if handler is None and decode != "json" else os.cpu_count() or 1
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         raise ValueError(f"retries must be an int >= 0, not {retries!r}")
     if journal_sync not in ("normal", "full"):

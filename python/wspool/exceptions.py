@@ -15,6 +15,8 @@ the builtin :class:`ValueError` before any thread starts. The tree::
         ├── DecodeError           a payload did not decode              (.job_id, .payload);
         │                         delivered in ``Result.error``, never raised by the iterator;
         │                         also a ValueError
+        ├── JobFailed             a job failed while results were taken as plain values
+        │                         (``Stream.values()``)                 (.result, .job_id)
         ├── JournalError          the journal is not a wspool journal, is newer, or a write
         │                         failed (a full disk)                  (.path)
         └── InternalError         a bug in wspool (a native panic); the stream goes on or ends
@@ -27,7 +29,7 @@ without a code) is a normal end: the iteration simply stops.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 __all__ = [
     "ConnectError",
@@ -35,6 +37,7 @@ __all__ = [
     "DecodeError",
     "HandshakeError",
     "InternalError",
+    "JobFailed",
     "JournalError",
     "MessageTooBig",
     "Overflow",
@@ -137,6 +140,22 @@ class DecodeError(WspoolError, ValueError):
         super().__init__(message)
         self.job_id = job_id
         self.payload = payload
+
+
+class JobFailed(WspoolError):
+    """A job failed while results were taken as plain values (:meth:`Stream.values`,
+    ``Stream.batches(values=True)``), which have nowhere to put an error.
+
+    ``result`` is the failed :class:`Result` and ``job_id`` its job's id; the job's exception
+    (the handler's, or a :class:`DecodeError`) is ``__cause__`` and is named in the message.
+    Nothing else is lost: iterating again goes on with the next result.
+    """
+
+    def __init__(self, result: Any) -> None:
+        error = result.error
+        super().__init__(f"job {result.id} failed: {type(error).__name__}: {error}")
+        self.result = result
+        self.job_id: int = result.id
 
 
 class JournalError(WspoolError):
