@@ -218,6 +218,38 @@ pub enum Batch<O> {
     End(Option<Error>),
 }
 
+/// How much one `next_batch_within` may still take.
+struct Limit {
+    max: usize,
+    max_bytes: usize,
+    /// Results taken so far, and their bytes.
+    taken: usize,
+    bytes: usize,
+}
+
+impl Limit {
+    fn full(&self) -> bool {
+        self.taken >= self.max || self.bytes >= self.max_bytes
+    }
+
+    /// Takes results from `more` (the ones after those already taken) until full; returns how
+    /// many are taken in all.
+    fn take<'a, O: 'a>(
+        &mut self,
+        more: impl Iterator<Item = &'a O>,
+        size: &impl Fn(&O) -> usize,
+    ) -> usize {
+        for item in more {
+            if self.full() {
+                break;
+            }
+            self.taken += 1;
+            self.bytes = self.bytes.saturating_add(size(item));
+        }
+        self.taken
+    }
+}
+
 /// A running stream. Dropping it cancels it; its threads then end on their own.
 pub struct Stream<O> {
     shared: Arc<Shared>,
@@ -433,6 +465,19 @@ impl<O: Send + 'static> Stream<O> {
     /// Waits up to `wait` for at least one result, then takes up to `max` (at least 1) without
     /// waiting more.
     pub fn next_batch(&self, max: usize, wait: Duration) -> Batch<O> {
+        self.next_batch_within(max, usize::MAX, |_| 0, wait)
+    }
+
+    /// `next_batch`, also stopping once the results taken hold `max_bytes` (`size` of each;
+    /// at least one result is taken): a batch of large messages then stays small enough to be
+    /// made into Python objects, used and freed while its memory is still in the cache.
+    pub fn next_batch_within(
+        &self,
+        max: usize,
+        max_bytes: usize,
+        size: impl Fn(&O) -> usize,
+        wait: Duration,
+    ) -> Batch<O> {
         let max = max.max(1);
         if self.forked() {
             return Batch::End(Some(self.forked_error()));
@@ -448,27 +493,37 @@ impl<O: Send + 'static> Stream<O> {
             self.shared.set_cancelled();
             self.control.send_replace(Control::Cancel);
         }
-        let mut items = Vec::new();
-        if leftover.is_empty() {
+        let mut limit = Limit {
+            max,
+            max_bytes,
+            taken: 0,
+            bytes: 0,
+        };
+        let mut items: Vec<O> = if leftover.is_empty() {
             match rx.recv_timeout(wait) {
-                Ok(first) => items = first,
+                Ok(first) => first,
                 Err(flume::RecvTimeoutError::Timeout) => return Batch::Pending,
                 Err(flume::RecvTimeoutError::Disconnected) => return self.end(),
             }
         } else {
-            let n = max.min(leftover.len());
-            items.extend(leftover.drain(..n));
-        }
-        while items.len() < max && leftover.is_empty() {
-            let Ok(more) = rx.try_recv() else { break };
-            if items.is_empty() {
-                items = more;
-            } else {
-                items.extend(more);
+            let n = limit.take(leftover.iter(), &size);
+            let taken = leftover.drain(..n).collect();
+            if !leftover.is_empty() {
+                return Batch::Items(taken);
             }
-        }
-        if items.len() > max {
-            leftover.extend(items.drain(max..));
+            taken
+        };
+        loop {
+            let n = limit.take(items[limit.taken..].iter(), &size);
+            if n < items.len() {
+                leftover.extend(items.drain(n..));
+                break;
+            }
+            if limit.full() {
+                break;
+            }
+            let Ok(more) = rx.try_recv() else { break };
+            items.extend(more);
         }
         Batch::Items(items)
     }

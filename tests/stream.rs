@@ -631,3 +631,69 @@ fn the_end_error_is_set_before_the_end_is_reported() {
         "End(None) instead of Closed 1006 in {lost} runs of 100"
     );
 }
+
+#[test]
+fn a_batch_stops_at_its_byte_budget_and_nothing_is_lost() {
+    const N: u64 = 300;
+    const SIZE: usize = 10_000;
+    let server = serve_ws(|mut ws| async move {
+        for seq in 0..N {
+            let mut payload = vec![b'x'; SIZE];
+            payload[..8].copy_from_slice(&seq.to_le_bytes());
+            ws.feed(Message::binary(payload)).await.expect("send");
+        }
+        ws.flush().await.expect("flush");
+        close_with(&mut ws, 1000, "bye").await
+    });
+    let stream = Stream::start(
+        config(&server.url(), DecodeMode::Bytes, 2, 512),
+        Recorder::default(),
+    )
+    .expect("start");
+    connected(&stream);
+    // Enough results waiting for the first two batches to reach their limits (the result
+    // queue is bounded, so not all of them).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stream.stats().processed < 14 {
+        assert!(Instant::now() < deadline, "{:?}", stream.stats());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let size = |o: &common::Out| match &o.data {
+        Ok(Data::Bytes(b)) => b.len(),
+        other => panic!("unexpected {other:?}"),
+    };
+    let mut ids = Vec::new();
+    let mut sizes = Vec::new();
+    let mut round = 0;
+    loop {
+        // Alternate between a byte budget of 64 KiB (7 results of 10 kB: the one that
+        // crosses it is taken) and a count of 3, so both limits and the leftover are used.
+        let batch = if round % 2 == 0 {
+            stream.next_batch_within(1024, 64 * 1024, size, Duration::from_secs(2))
+        } else {
+            stream.next_batch_within(3, usize::MAX, size, Duration::from_secs(2))
+        };
+        match batch {
+            Batch::Items(items) => {
+                assert!(!items.is_empty());
+                sizes.push((round % 2, items.len()));
+                ids.extend(items.iter().map(|o| o.id));
+            }
+            Batch::End(None) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+        round += 1;
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, (0..N).collect::<Vec<_>>());
+    assert!(
+        sizes.iter().all(|&(kind, n)| n <= [7, 3][kind]),
+        "{sizes:?}"
+    );
+    assert!(
+        sizes.contains(&(0, 7)) && sizes.contains(&(1, 3)),
+        "{sizes:?}"
+    );
+    joined(&stream);
+    assert_eq!(server.finish(), Some(1000));
+}
