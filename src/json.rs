@@ -74,15 +74,26 @@ impl Json {
 
     /// The text of a `Str` or `Owned` node.
     pub fn str_at(&self, node: Node) -> Option<&str> {
+        // A `Str` range was cut from a `&str` of this payload: valid UTF-8 at both ends.
+        std::str::from_utf8(self.str_bytes_at(node)?).ok()
+    }
+
+    /// The UTF-8 bytes of a `Str` or `Owned` node, as they are: they were checked when parsed,
+    /// so a caller that only compares or hands them on need not check them again.
+    pub fn str_bytes_at(&self, node: Node) -> Option<&[u8]> {
         match node {
             Node::Str { start, len } => {
-                let (start, len) = (start as usize, len as usize);
-                // The range was cut from a `&str` of this payload: valid UTF-8 at both ends.
-                std::str::from_utf8(&self.payload[start..start + len]).ok()
+                let start = start as usize;
+                self.payload.get(start..start + len as usize)
             }
-            Node::Owned(i) => self.owned.get(i as usize).map(|s| &**s),
+            Node::Owned(i) => self.owned.get(i as usize).map(|s| s.as_bytes()),
             _ => None,
         }
+    }
+
+    /// Whether a key node holds `name`.
+    fn key_is(&self, node: Node, name: &str) -> bool {
+        self.str_bytes_at(node) == Some(name.as_bytes())
     }
 
     /// Index just past the subtree that starts at `index`.
@@ -101,7 +112,7 @@ impl Json {
         let mut at = object + 1;
         for _ in 0..len {
             let value = at + 1;
-            if self.str_at(self.nodes[at]) == Some(name) {
+            if self.key_is(self.nodes[at], name) {
                 return Some(value);
             }
             at = self.skip(value);
@@ -326,3 +337,4 @@ mod tests {
         assert!(Json::parse(&payload).is_err(), "nesting is limited");
     }
 }
+

@@ -100,19 +100,27 @@ impl KeyCache {
     }
 }
 
+/// The Python `str` of a string node: made from its bytes as they are (they were checked as
+/// UTF-8 by the parser; CPython checks them again as it decodes, so no second pass here).
+fn json_str<'py>(py: Python<'py>, doc: &Json, node: Node) -> PyResult<Bound<'py, PyString>> {
+    PyString::from_bytes(py, doc.str_bytes_at(node).unwrap_or_default())
+}
+
 fn json_key<'py>(
     py: Python<'py>,
-    text: &str,
+    doc: &Json,
+    node: Node,
     keys: &mut HashMap<Box<[u8]>, Py<PyString>>,
-) -> Bound<'py, PyString> {
-    if let Some(k) = keys.get(text.as_bytes()) {
-        return k.bind(py).clone();
+) -> PyResult<Bound<'py, PyString>> {
+    let text = doc.str_bytes_at(node).unwrap_or_default();
+    if let Some(k) = keys.get(text) {
+        return Ok(k.bind(py).clone());
     }
-    let key = PyString::new(py, text);
+    let key = json_str(py, doc, node)?;
     if text.len() <= KEY_CACHE_KEY_BYTES && keys.len() < KEY_CACHE_ENTRIES {
-        keys.insert(text.as_bytes().into(), key.clone().unbind());
+        keys.insert(text.into(), key.clone().unbind());
     }
-    key
+    Ok(key)
 }
 
 /// Builds the Python value of the tape node at `*at` (and its descendants), moving `*at` past
@@ -131,9 +139,7 @@ fn json_node<'py>(
         Node::Int(i) => i.into_pyobject(py)?.into_any(),
         Node::UInt(u) => u.into_pyobject(py)?.into_any(),
         Node::Float(f) => f.into_pyobject(py)?.into_any(),
-        Node::Str { .. } | Node::Owned(_) => {
-            PyString::new(py, doc.str_at(node).unwrap_or_default()).into_any()
-        }
+        Node::Str { .. } | Node::Owned(_) => json_str(py, doc, node)?.into_any(),
         Node::Array { len, .. } => {
             let items = (0..len)
                 .map(|_| json_node(py, doc, at, keys))
@@ -143,7 +149,7 @@ fn json_node<'py>(
         Node::Object { len, .. } => {
             let dict = PyDict::new(py);
             for _ in 0..len {
-                let key = json_key(py, doc.str_at(doc.nodes()[*at]).unwrap_or_default(), keys);
+                let key = json_key(py, doc, doc.nodes()[*at], keys)?;
                 *at += 1;
                 dict.set_item(key, json_node(py, doc, at, keys)?)?;
             }
