@@ -337,4 +337,3 @@ mod tests {
         assert!(Json::parse(&payload).is_err(), "nesting is limited");
     }
 }
-

@@ -116,9 +116,7 @@ impl<O> Outlet<'_, O> {
     /// nobody takes results.
     fn put(&self, outputs: Vec<(u64, Option<O>)>) -> bool {
         match &self.reorder {
-            Some(r) => outputs.into_iter().fold(true, |alive, (slot, o)| {
-                r.put(slot, o, &self.results, self.shared) && alive
-            }),
+            Some(r) => r.put(outputs, &self.results, self.shared),
             None => {
                 let batch: Vec<O> = outputs.into_iter().filter_map(|(_, o)| o).collect();
                 batch.is_empty() || self.results.send(batch).is_ok()
@@ -317,6 +315,8 @@ struct Window<O> {
     pending: VecDeque<Slot<O>>,
     /// A worker is handing a run of results on; the others only deposit theirs.
     flushing: bool,
+    /// Workers waiting for room in the window.
+    waiting: usize,
 }
 
 impl<O> Reorder<O> {
@@ -326,6 +326,7 @@ impl<O> Reorder<O> {
                 next: 0,
                 pending: VecDeque::new(),
                 flushing: false,
+                waiting: 0,
             }),
             space: Condvar::new(),
             window: window.max(1) as u64,
@@ -336,39 +337,67 @@ impl<O> Reorder<O> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Puts the result of `slot`; false once nobody takes results (or the stream was
-    /// cancelled while this one waited for room).
+    /// Puts the results of a batch by slot (under one lock) and hands on what is then ready;
+    /// false once nobody takes results (or the stream was cancelled while this one waited for
+    /// room).
     fn put(
         &self,
-        slot: u64,
-        output: Option<O>,
+        outputs: Vec<(u64, Option<O>)>,
         results: &flume::Sender<Vec<O>>,
         shared: &Shared,
     ) -> bool {
+        let mut alive = true;
         let mut st = self.lock();
-        while slot >= st.next + self.window {
-            if shared.is_cancelled() {
-                return false;
+        for (slot, output) in outputs {
+            while slot >= st.next + self.window {
+                if shared.is_cancelled() {
+                    return false;
+                }
+                if !st.flushing && Self::ready(&st) {
+                    // The results deposited here may be the oldest: hand them on first, or
+                    // the window would wait for itself.
+                    let (back, ok) = self.flush(st, results);
+                    st = back;
+                    alive &= ok;
+                    continue;
+                }
+                st.waiting += 1;
+                st = self
+                    .space
+                    .wait_timeout(st, Duration::from_millis(50))
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+                st.waiting -= 1;
             }
-            st = self
-                .space
-                .wait_timeout(st, Duration::from_millis(50))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            let i = (slot - st.next) as usize;
+            while st.pending.len() <= i {
+                st.pending.push_back(Slot::Empty);
+            }
+            st.pending[i] = output.map_or(Slot::Skip, Slot::Ready);
         }
-        let i = (slot - st.next) as usize;
-        while st.pending.len() <= i {
-            st.pending.push_back(Slot::Empty);
+        if !st.flushing {
+            alive &= self.flush(st, results).1;
         }
-        st.pending[i] = output.map_or(Slot::Skip, Slot::Ready);
-        if st.flushing {
-            return true;
-        }
+        alive
+    }
+
+    fn ready(st: &Window<O>) -> bool {
+        matches!(st.pending.front(), Some(Slot::Ready(_) | Slot::Skip))
+    }
+
+    /// Hands on the runs of results that are ready from the oldest slot, until none is; the
+    /// others meanwhile only deposit theirs. Returns the lock, and false once nobody takes
+    /// results.
+    fn flush<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, Window<O>>,
+        results: &flume::Sender<Vec<O>>,
+    ) -> (MutexGuard<'a, Window<O>>, bool) {
         st.flushing = true;
         let mut alive = true;
         loop {
             let mut run = Vec::new();
-            while matches!(st.pending.front(), Some(Slot::Ready(_) | Slot::Skip)) {
+            while Self::ready(&st) {
                 if let Some(Slot::Ready(o)) = st.pending.pop_front() {
                     run.push(o);
                 }
@@ -376,9 +405,12 @@ impl<O> Reorder<O> {
             }
             if run.is_empty() {
                 st.flushing = false;
-                return alive;
+                return (st, alive);
             }
-            self.space.notify_all();
+            // Waking costs a system call: only when a worker waits for room.
+            if st.waiting > 0 {
+                self.space.notify_all();
+            }
             drop(st);
             // Blocks while the consumer is behind: backpressure, as without the window.
             alive &= results.send(run).is_ok();
@@ -617,6 +649,30 @@ mod tests {
         feeder.join().unwrap();
         handles.into_iter().for_each(|h| h.join().unwrap());
         assert_eq!(ids, (0..300).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_reorder_window_hands_on_its_own_results_before_waiting_for_room() {
+        // One call with more results than the window holds: the oldest are its own, so it
+        // must hand them on rather than wait for room that only it can make.
+        let shared = Shared::new();
+        let window: Reorder<u64> = Reorder::new(4);
+        let (tx, rx) = flume::bounded(64);
+        assert!(window.put((0..10).map(|i| (i, Some(i))).collect(), &tx, &shared));
+        // Then out of order from several threads, a skipped slot among them.
+        std::thread::scope(|s| {
+            for part in [vec![13, 11], vec![10, 12, 14], vec![15]] {
+                let (window, tx, shared) = (&window, &tx, &shared);
+                s.spawn(move || {
+                    let outputs = part.into_iter().map(|i| (i, (i != 12).then_some(i)));
+                    assert!(window.put(outputs.collect(), tx, shared));
+                });
+            }
+        });
+        drop(tx);
+        let got: Vec<u64> = rx.iter().flatten().collect();
+        let want: Vec<u64> = (0..16).filter(|&i| i != 12).collect();
+        assert_eq!(got, want);
     }
 
     #[test]
