@@ -314,6 +314,42 @@ def _wspool_feed(scenario: str, count: int) -> tuple[Callable[[Any], None], Any]
     return feed, summary
 
 
+def run_wspool_results(job: Job) -> dict[str, Any]:
+    """Diagnostic: wspool without a handler consumed as ``Result`` objects (``batches()``, each
+    result's ``value`` and ``id`` read), the path before ``values=True``; default workers, so
+    ``json`` comes in completion order: each seq is checked against ``result.id`` and marked in a
+    bitmap."""
+    import wspool
+
+    binary = job.scenario in BINARY_SCENARIOS
+    done = Completion(job.count)
+    seen = done.seen
+    total = 0
+    with wspool.consume(
+        _with_count(job.url, job.count),
+        decode="bytes" if binary else "json",
+        timeout=job.deadline,
+    ) as stream:
+        for batch in stream.batches():
+            for result in batch:
+                value = result.value
+                seq = int(value[7 : value.index(b",", 7)]) if binary else value["seq"]
+                if not result.ok or seq != result.id or seen[seq]:
+                    raise CheckError(f"job {result.id}: got {result!r}")
+                seen[seq] = 1
+                if not binary:
+                    total += value["v"]
+    if stream.error is not None:
+        raise stream.error
+    done.done = job.count - seen.count(0)
+    done.check()
+    return {
+        "count": done.done,
+        "checksum": None if binary else total,
+        "note": f"workers={stream.stats.workers}, Result objects",
+    }
+
+
 def _sleep_handler(seconds: float) -> Callable[[Any], int]:
     def handler(job: Any) -> int:
         time.sleep(seconds)
@@ -721,12 +757,16 @@ def _async(name: str) -> Callable[[Job], dict[str, Any]]:
 
 CLIENTS: dict[str, Client] = {
     "wspool": Client(run_wspool, ("wspool",), kind="wspool"),
-    # Diagnostic variant: one worker (results then come in receipt order; checked the same way).
+    # Diagnostic variants: one worker where the default is more (bytes streams without a
+    # handler already have one); Result objects instead of plain values.
     "wspool-w1": Client(
         lambda job: run_wspool(job, workers=1),
         ("wspool",),
-        ("ref", "count", "json", "large", "cpu", "latency"),
+        ("json", "cpu", "latency"),
         kind="wspool",
+    ),
+    "wspool-results": Client(
+        run_wspool_results, ("wspool",), ("count", "json", "large"), kind="wspool"
     ),
     "wspool-native": Client(run_wspool_native, ("wspool",), ("cpu",), kind="wspool"),
     "picows": Client(_async("picows"), ("picows",)),

@@ -48,6 +48,7 @@ CLIENT_SCRIPT = os.path.join(HERE, "bench_clients.py")
 DEFAULT_CLIENTS = (
     "wspool",
     "wspool-w1",
+    "wspool-results",
     "wspool-native",
     "picows",
     "aiohttp",
@@ -409,14 +410,15 @@ How to read this:
   medians from the same run (above 1: wspool is faster).
 - CPU s = user + system seconds of the client process (all its threads) over that window;
   peak RSS = `ru_maxrss` of that process (from `os.wait4`), interpreter and imports included.
-- Checks: peers deliver in order, so each message's `seq` is checked against the next expected
-  one (`count`, `large`: `int(msg[7:msg.index(",", 7)])`, ~0.4 µs per message on this machine,
-  paid by every client, which is why `count` is slower than `ref`; `json`, `cpu`, `latency`:
-  `doc["seq"]`). wspool delivers results in completion order: each seq is checked against
-  `result.job.id` (wspool's receipt order) and a bitmap checks that the set of seqs is
-  complete, without duplicates. `work` checks completeness only. Counts and checksums are
-  checked again by the driver. `ref` checks only the count and the close code, like the issue's
-  reference figures.
+- Checks: each message's `seq` is checked against the next expected one (`count`, `large`:
+  `int(msg[7:msg.index(",", 7)])`, ~0.4 µs per message on this machine, paid by every client,
+  which is why `count` is slower than `ref`; `json`, `cpu`, `latency`: `doc["seq"]`). wspool's
+  handler-less scenarios and `wspool-native` take values in receipt order and are checked the
+  same way; where wspool hands `Result`s over in completion order (the `cpu` Python handler,
+  `wspool-results`), each seq is checked against `result.id` (wspool's receipt order) and a
+  bitmap checks that the set of seqs is complete, without duplicates. `work` checks
+  completeness only. Counts and checksums are checked again by the driver. `ref` checks only
+  the count and the close code, like the issue's reference figures.
 - Peers are used the way their docs show: websockets `async for message in ws` (asyncio
   client, keepalive pings off), aiohttp `async for msg in ws`, picows a `WSListener` taking
   `get_payload_as_bytes()` in `ref`/`count`/`large` (measured ~5% faster than
@@ -424,14 +426,17 @@ How to read this:
   (its pure-Python UTF-8 validation makes it slow: its N is capped, see the N column; its rate
   is steady, so the figure stays comparable). All asyncio clients run on the default asyncio
   loop (no uvloop).
-- wspool: `wspool.consume(url, handler, decode=...)` drained a list at a time
-  (`stream.batches()`), each result checked in Python. `ref`/`count`/`large` use
-  `decode="bytes"` (measured faster than `"text"` for `count`, equal for `large`),
-  `json`/`latency` `decode="json"` without a handler, `cpu` `decode="json"` with a Python
-  handler, and `wspool-native` the native processor `wspool.Select("seq", "v", "pad")` (JSON
-  decoded and fields picked on the workers without the GIL; the arithmetic in Python), `work`
-  a Python handler with `workers=16`. Default workers = `os.cpu_count()`; `wspool-w1` is the
-  same with `workers=1`.
+- wspool: `wspool.consume(url, handler, decode=...)` drained a list at a time. Without a
+  handler (`ref`/`count`/`large` with `decode="bytes"`, `json`/`latency` with
+  `decode="json"`) it takes plain values, `stream.batches(values=True)`, in receipt order: one
+  worker (the default for bytes without a handler) or `ordered=True` (json: two workers), each
+  value checked exactly as the peers check their messages. `cpu` runs a Python handler with
+  `decode="json"`, and `wspool-native` the native processor `wspool.Select("seq", "v", "pad")`
+  (JSON decoded and fields picked on the workers without the GIL; the arithmetic in Python on
+  the values, `ordered=True`); `work` a Python handler with `workers=16`. Diagnostic variants:
+  `wspool-w1` the same with `workers=1`, `wspool-results` the handler-less scenarios consumed
+  as `Result` objects (`stream.batches()`, completion order, each seq checked against
+  `result.id`).
 - `work`: peers on asyncio run 16 worker tasks fed by an `asyncio.Queue` (`await
   asyncio.sleep(0.002)`); websocket-client a `ThreadPoolExecutor(16)` (`time.sleep`); ideal
   time = N x 2 ms / 16.
