@@ -485,20 +485,29 @@ impl PyStats {
 /// worker, which holds the GIL only for that), or native data converted later in batches.
 pub(crate) enum Out {
     Native(Job, Result<Data, DecodeError>),
-    /// A `Select` processor's picks: node indexes into the decoded JSON (or into `own`, the
-    /// processor's own parse when `decode=` was not "json").
-    Selected(Job, Data, Option<Json>, Vec<Option<usize>>),
+    /// A `Select` processor's picks. Boxed: outcomes are moved several times on their way to
+    /// Python, and this one would make every outcome (all variants are as big as the biggest)
+    /// about 250 bytes instead of about 140.
+    Selected(Box<Selected>),
     Done(Py<PyJobResult>),
     Panicked(Job, Error),
+}
+
+pub(crate) struct Selected {
+    pub(crate) job: Job,
+    pub(crate) data: Data,
+    /// The processor's own parse when `decode=` was not "json".
+    pub(crate) own: Option<Json>,
+    /// Node indexes into the decoded JSON (or into `own`).
+    pub(crate) picks: Vec<Option<usize>>,
 }
 
 impl Out {
     /// The payload bytes of the job this came from.
     fn size(&self) -> usize {
         match self {
-            Out::Native(job, _) | Out::Selected(job, ..) | Out::Panicked(job, _) => {
-                job.payload.len()
-            }
+            Out::Native(job, _) | Out::Panicked(job, _) => job.payload.len(),
+            Out::Selected(s) => s.job.payload.len(),
             Out::Done(result) => result.get().native.payload.len(),
         }
     }
@@ -737,17 +746,27 @@ impl Processor for PyProcessor {
     }
 }
 
+fn selected(job: Job, data: Data, own: Option<Json>, picks: Vec<Option<usize>>) -> Out {
+    Out::Selected(Box::new(Selected {
+        job,
+        data,
+        own,
+        picks,
+    }))
+}
+
 /// Runs a `Select` on a job, natively.
 fn select(job: Job, decoded: Result<Data, DecodeError>, paths: &[Vec<String>]) -> (Out, bool) {
     match decoded {
         Ok(Data::Json(doc)) => {
             let picks = doc.select(paths);
-            (Out::Selected(job, Data::Json(doc), None, picks), true)
+            let data = Data::Json(doc);
+            (selected(job, data, None, picks), true)
         }
         Ok(other) => match Json::parse(&job.payload) {
             Ok(doc) => {
                 let picks = doc.select(paths);
-                (Out::Selected(job, other, Some(doc), picks), true)
+                (selected(job, other, Some(doc), picks), true)
             }
             Err(e) => {
                 let e = DecodeError {
@@ -819,7 +838,7 @@ fn out_ok(out: &Out) -> bool {
 fn out_value(py: Python<'_>, keys: &Arc<KeyCache>, out: &Out) -> PyResult<Py<PyAny>> {
     match out {
         Out::Native(_, Ok(data)) => data_to_py(py, data, keys),
-        Out::Selected(_, data, own, picks) => selected_value(py, keys, data, own, picks),
+        Out::Selected(s) => selected_value(py, keys, &s.data, &s.own, &s.picks),
         Out::Done(result) => result.get().value(py),
         Out::Native(_, Err(_)) | Out::Panicked(..) => Err(to_pyerr(
             py,
@@ -830,10 +849,10 @@ fn out_value(py: Python<'_>, keys: &Arc<KeyCache>, out: &Out) -> PyResult<Py<PyA
 
 fn out_to_py(py: Python<'_>, keys: &Arc<KeyCache>, out: Out) -> PyResult<Py<PyJobResult>> {
     match out {
-        Out::Selected(job, data, own, picks) => {
-            let value = selected_value(py, keys, &data, &own, &picks)?;
+        Out::Selected(s) => {
+            let value = selected_value(py, keys, &s.data, &s.own, &s.picks)?;
             let result = PyJobResult {
-                native: Native::new(job, Some(data), keys),
+                native: Native::new(s.job, Some(s.data), keys),
                 job: OnceLock::new(),
                 value: Some(value),
                 error: None,

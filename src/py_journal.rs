@@ -31,13 +31,13 @@ pub(crate) fn describe(out: &Out, ok: bool) -> Outcome {
             message: e.message.clone(),
         },
         // `Select`: the picked fields as JSON, natively (a missing field is null).
-        Out::Selected(_, data, own, picks) => {
-            let doc = match (own, data) {
+        Out::Selected(selected) => {
+            let doc = match (&selected.own, &selected.data) {
                 (Some(doc), _) | (None, Data::Json(doc)) => doc,
                 (None, _) => return Outcome::Done { value: None },
             };
             let pick = |p: &Option<usize>| p.map_or(serde_json::Value::Null, |i| doc.value_at(i));
-            let value = match picks.as_slice() {
+            let value = match selected.picks.as_slice() {
                 [one] => pick(one),
                 many => serde_json::Value::Array(many.iter().map(pick).collect()),
             };
