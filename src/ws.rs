@@ -364,13 +364,15 @@ pub async fn subscribe(ws: &mut WsStream, messages: &[Outgoing]) -> Result<(), E
     for m in messages {
         ws.feed(m.clone().into_message())
             .await
-            .map_err(read_error)?;
+            .map_err(send_error)?;
     }
-    ws.flush().await.map_err(read_error)
+    ws.flush().await.map_err(send_error)
 }
 
-/// Maps an error met while the connection is open.
-fn read_error(e: WsError) -> Error {
+/// Maps an error of the protocol layer, met while the connection is open. tungstenite only
+/// sends (the frame reader reads and checks what the server sends, see `frames`), so these are
+/// errors of sending: a dropped connection, a socket error, or a message over the limit.
+fn send_error(e: WsError) -> Error {
     match e {
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)
         | WsError::ConnectionClosed
@@ -382,46 +384,8 @@ fn read_error(e: WsError) -> Error {
                 limit: max_size,
             }
         }
-        other => match violation(&other) {
-            Some((code, what)) => Error::Protocol(format!("{what}; closed with {code}")),
-            None => Error::Protocol(other.to_string()),
-        },
+        other => Error::Protocol(other.to_string()),
     }
-}
-
-/// A violation of RFC 6455 by the server: what it was, and the close code the RFC asks the
-/// client to fail the connection with (1007 for invalid UTF-8, 1002 for the rest).
-fn violation(e: &WsError) -> Option<(u16, String)> {
-    use ProtocolError as P;
-    let what = match e {
-        WsError::Utf8(s) => {
-            return Some((
-                1007,
-                format!("invalid UTF-8 in a text message or close reason ({s})"),
-            ))
-        }
-        WsError::Protocol(p) => match p {
-            P::NonZeroReservedBits => {
-                "a frame has RSV bits set, and no extension was negotiated".into()
-            }
-            P::MaskedFrameFromServer => "the server sent a masked frame".into(),
-            P::FragmentedControlFrame => "a control frame is fragmented".into(),
-            P::ControlFrameTooBig => "a control frame is over 125 bytes".into(),
-            P::UnknownControlFrameType(op) => format!("reserved control opcode {op:#x}"),
-            P::UnknownDataFrameType(op) => format!("reserved data opcode {op:#x}"),
-            P::InvalidOpcode(op) if *op >= 8 => format!("reserved control opcode {op:#x}"),
-            P::InvalidOpcode(op) => format!("reserved data opcode {op:#x}"),
-            P::UnexpectedContinueFrame => "a continuation frame with no message to continue".into(),
-            P::ExpectedFragment(_) => {
-                "a new data message began before the fragmented one ended".into()
-            }
-            P::InvalidCloseSequence => "a close frame with a 1-byte payload".into(),
-            P::ReceivedAfterClosing => "data after the server's close frame".into(),
-            other => other.to_string(),
-        },
-        _ => return None,
-    };
-    Some((1002, what))
 }
 
 fn ended() -> Error {
@@ -448,14 +412,6 @@ enum Stop {
     Failed(Error),
     /// The server broke the protocol: fail the connection with this close code.
     Violated(u16, Error),
-}
-
-/// Why reading stopped on an error from the protocol layer.
-fn read_failed(e: WsError) -> Stop {
-    match violation(&e) {
-        Some((code, _)) => Stop::Violated(code, read_error(e)),
-        None => Stop::Failed(read_error(e)),
-    }
 }
 
 /// Why reading stopped on a frame the server should not have sent.
@@ -711,7 +667,7 @@ impl Reader {
                             let ping = ws.send(Message::Ping(Bytes::new()));
                             match tokio::time::timeout(timeout.unwrap_or(self.close_timeout), ping).await {
                                 Ok(Ok(())) => pinged_at = Some(idle),
-                                Ok(Err(e)) => return Stop::Failed(read_error(e)),
+                                Ok(Err(e)) => return Stop::Failed(send_error(e)),
                                 Err(_) => return Stop::Failed(no_pong(timeout)),
                             }
                             continue;
@@ -743,7 +699,7 @@ impl Reader {
                     let pong = ws.send(Message::Pong(payload));
                     match tokio::time::timeout(self.close_timeout, pong).await {
                         Ok(Ok(())) => continue,
-                        Ok(Err(e)) => return read_failed(e),
+                        Ok(Err(e)) => return Stop::Failed(send_error(e)),
                         Err(_) => {
                             return Stop::Failed(dropped(
                                 "a pong could not be sent within close_timeout: the server \
@@ -972,7 +928,7 @@ impl Reader {
                     replies.state.sent.fetch_add(count, std::sync::atomic::Ordering::SeqCst);
                     Ok(())
                 }
-                Err(e) => Err(read_failed(e)),
+                Err(e) => Err(Stop::Failed(send_error(e))),
             },
             asked = asked(&mut self.control) => Err(Stop::Asked(asked)),
             _ = sleep_until(self.deadline) => Err(Stop::Deadline),
@@ -1070,20 +1026,23 @@ mod tests {
     }
 
     #[test]
-    fn violations_name_the_cause_and_the_close_code() {
-        let v = |e: WsError| violation(&e).expect("a violation");
-        assert_eq!(v(WsError::Utf8("bad".into())).0, 1007);
-        let (code, what) = v(WsError::Protocol(ProtocolError::NonZeroReservedBits));
-        assert_eq!((code, what.contains("RSV")), (1002, true));
-        let (_, what) = v(WsError::Protocol(ProtocolError::InvalidOpcode(0xb)));
-        assert_eq!(what, "reserved control opcode 0xb");
-        let (_, what) = v(WsError::Protocol(ProtocolError::InvalidOpcode(0x3)));
-        assert_eq!(what, "reserved data opcode 0x3");
-        // A drop is not a violation: it is reported as code 1006, without a close frame.
-        assert!(violation(&WsError::ConnectionClosed).is_none());
+    fn send_errors_say_what_happened_to_the_connection() {
+        // A drop is reported as code 1006, without a close frame.
         assert!(matches!(
-            read_error(WsError::Protocol(ProtocolError::FragmentedControlFrame)),
-            Error::Protocol(m) if m == "a control frame is fragmented; closed with 1002"
+            send_error(WsError::ConnectionClosed),
+            Error::Closed { code: 1006, .. }
+        ));
+        let io = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "pipe");
+        assert!(
+            matches!(send_error(WsError::Io(io)), Error::Closed { code: 1006, reason } if reason.contains("pipe"))
+        );
+        let too_long = CapacityError::MessageTooLong {
+            size: 10,
+            max_size: 5,
+        };
+        assert!(matches!(
+            send_error(WsError::Capacity(too_long)),
+            Error::MessageTooBig { size: 10, limit: 5 }
         ));
     }
 
