@@ -3,6 +3,7 @@ the native Select processor. Each checks the value a user gets, not the speed.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -245,3 +246,48 @@ def test_values_refuse_an_unknown_failed_policy(mock_server, failed):
             stream.values(failed=failed)
         with pytest.raises(ValueError, match="failed must be"):
             stream.batches(values=True, failed=failed)
+
+
+def test_async_values_wait_without_blocking_and_raise_job_failed(mock_server):
+    n = 2000
+    server = mock_server(count=n)
+
+    def handler(job: wspool.Job) -> int:
+        if job.data["seq"] == 500:
+            raise ValueError("bad 500")
+        return job.data["seq"]
+
+    async def main() -> tuple[list[int], list[wspool.JobFailed]]:
+        got: list[int] = []
+        failures: list[wspool.JobFailed] = []
+        async with wspool.consume(server.url, handler, decode="json", workers=2) as stream:
+            while True:
+                try:
+                    async for value in stream.values():
+                        got.append(value)
+                    break
+                except wspool.JobFailed as failed:
+                    failures.append(failed)
+            # Nothing after the end.
+            assert [v async for v in stream.values(failed="skip")] == []
+        return got, failures
+
+    got, failures = asyncio.run(main())
+    assert sorted(got) == [i for i in range(n) if i != 500]
+    assert [f.job_id for f in failures] == [500]
+    assert isinstance(failures[0].__cause__, ValueError)
+
+
+def test_values_is_an_iterator_and_skips_failures_in_async_code(mock_server):
+    server = mock_server(messages=['{"a": 1}', "{bad", '{"a": 3}'])
+    with wspool.consume(server.url, decode="json", workers=1) as stream:
+        values = stream.values(failed="skip")
+        assert iter(values) is values
+        assert next(values) == {"a": 1}
+        assert list(values) == [{"a": 3}]
+
+    async def main() -> list[object]:
+        async with wspool.consume(server.url, decode="json", workers=1) as stream:
+            return [v async for v in stream.values(failed="skip")]
+
+    assert asyncio.run(main()) == [{"a": 1}, {"a": 3}]

@@ -8,7 +8,7 @@ come back to Python in batches. See :func:`consume` and :func:`run`.
 from __future__ import annotations
 
 from ._native import Job, Result, Select, Stats, __version__
-from ._stream import Event, Reconnect, Stream, consume, run
+from ._stream import Event, Reconnect, Stream, Values, consume, run
 from .exceptions import (
     ConnectError,
     ConnectionClosed,
@@ -46,6 +46,7 @@ __all__ = [
     "Stats",
     "Stream",
     "Timeout",
+    "Values",
     "WspoolError",
     "__version__",
     "consume",

@@ -25,7 +25,7 @@ from ._native import Job, Result, Select, Stats
 from .exceptions import JobFailed, WspoolError
 from .journal import JobRecord
 
-__all__ = ["Event", "Reconnect", "Stream", "consume", "run"]
+__all__ = ["Event", "Reconnect", "Stream", "Values", "consume", "run"]
 
 _log = logging.getLogger("wspool")
 
@@ -430,15 +430,34 @@ class Stream:
             return self._value_batches(failed == "skip")
         return self._result_batches()
 
-    def values(self, *, failed: str = "raise") -> Iterator[Any]:
-        """Yields each result's ``value`` (the decoded payload without a handler), without
-        making :class:`Result` objects: for streams where the job ids and errors are not
-        wanted one by one. A failed job raises :class:`JobFailed` (``failed="raise"``, the
-        default; iterating again goes on after it) or is left out (``failed="skip"``; it is
-        still counted in ``stats.failed``)."""
+    def values(self, *, failed: str = "raise") -> Values:
+        """Each result's ``value`` (the decoded payload without a handler), without making
+        :class:`Result` objects: for streams where the job ids and errors are not wanted one by
+        one. Iterate it with ``for``, or with ``async for`` inside ``async with`` (which waits
+        without blocking the event loop, taking results as ``async for result in stream``
+        does). A failed job raises :class:`JobFailed` (``failed="raise"``, the default;
+        iterating again goes on after it) or is left out (``failed="skip"``; it is still
+        counted in ``stats.failed``)."""
         if failed not in ("raise", "skip"):
             raise ValueError(f'failed must be "raise" or "skip", not {failed!r}')
-        return self._value_iter(failed == "skip")
+        return Values(self, failed == "skip")
+
+    async def _anext_value(self, skip: bool) -> Any:
+        """The next value for ``async for value in stream.values()``."""
+        pending, buffer, resume = self._values, self._buffer, self._resume
+        while True:
+            if pending:
+                return pending.popleft()
+            if not buffer and not await self._afill():
+                self._raise_end(StopAsyncIteration)
+            while buffer:
+                result = buffer.popleft()
+                if resume is not None:
+                    resume.last = result.job
+                if result.ok:
+                    return result.value
+                if not skip:
+                    raise JobFailed(result) from result.error
 
     def _value_iter(self, skip: bool) -> Iterator[Any]:
         # Values taken but not yet yielded wait in `_values`, so breaking out of the loop and
@@ -855,6 +874,31 @@ class Stream:
     def __repr__(self) -> str:
         state = "finished" if self._finished else "running"
         return f"<wspool.Stream {state} {self.stats!r}>"
+
+
+class Values:
+    """What :meth:`Stream.values` returns: an iterator of values for ``for``, and an async
+    iterator for ``async for``. Values taken from the stream and not yet yielded stay with the
+    stream, so breaking out of the loop and iterating again loses nothing."""
+
+    def __init__(self, stream: Stream, skip: bool) -> None:
+        self._stream = stream
+        self._skip = skip
+        self._sync: Optional[Iterator[Any]] = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        if self._sync is None:
+            self._sync = self._stream._value_iter(self._skip)
+        return next(self._sync)
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self._stream._anext_value(self._skip)
 
 
 def consume(
