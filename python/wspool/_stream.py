@@ -322,6 +322,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _skip_failed(failed: str) -> bool:
+    """Checks the ``failed=`` policy of the value iterators: True for "skip"."""
+    if failed not in ("raise", "skip"):
+        raise ValueError(f'failed must be "raise" or "skip", not {failed!r}')
+    return failed == "skip"
+
+
 class _Stalled(Exception):
     """No result arrived for close_timeout while a close was draining the stream."""
 
@@ -424,10 +431,9 @@ class Stream:
         values before it are yielded; ``"skip"`` leaves it out (it is still counted in
         ``stats.failed`` and passed to ``on_result``).
         """
-        if failed not in ("raise", "skip"):
-            raise ValueError(f'failed must be "raise" or "skip", not {failed!r}')
+        skip = _skip_failed(failed)
         if values:
-            return self._value_batches(failed == "skip")
+            return self._value_batches(skip)
         return self._result_batches()
 
     def values(self, *, failed: str = "raise") -> Values:
@@ -438,9 +444,7 @@ class Stream:
         does). A failed job raises :class:`JobFailed` (``failed="raise"``, the default;
         iterating again goes on after it) or is left out (``failed="skip"``; it is still
         counted in ``stats.failed``)."""
-        if failed not in ("raise", "skip"):
-            raise ValueError(f'failed must be "raise" or "skip", not {failed!r}')
-        return Values(self, failed == "skip")
+        return Values(self, _skip_failed(failed))
 
     async def _anext_value(self, skip: bool) -> Any:
         """The next value for ``async for value in stream.values()``."""
