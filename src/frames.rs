@@ -4,6 +4,7 @@
 //! send still go through tungstenite; [`Tap`] hands it the server's handshake response and no
 //! byte more, so that the frames after it are ours to read. No PyO3 here.
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -14,18 +15,18 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::job::Kind;
 
-/// Reads ask for at least this much room, so that a busy socket is drained in few calls. A
-/// message under `COPY_FROM` is a slice of the buffer and keeps it allocated while it lives:
-/// this is also the most memory one such message can hold (tungstenite's buffer was as large).
-const READ_ROOM: usize = 128 * 1024;
-/// Below this much free room, the buffer grows (or moves to a fresh one) before a read.
+/// The size of a read block: the buffer the socket is read into, of which each message's
+/// payload is a slice (no copy). A payload keeps its block allocated while it lives, so this is
+/// also the most memory one small message can hold (tungstenite's read buffer was as large).
+const BLOCK: usize = 128 * 1024;
+/// Below this much free room, a read first moves on to another block.
 const MIN_ROOM: usize = 32 * 1024;
-/// Payloads from this size on are copied out of the read buffer rather than shared with it.
-/// A shared buffer is freed only when its last payload is, so the reader keeps moving to fresh
-/// memory, which the kernel must fault in and zero page by page: for large messages that costs
-/// more than the copy (measured at 16 KiB: the zeroing was a third of the reading thread's
-/// time). A buffer nobody shares is reused in place.
-const COPY_FROM: usize = 1024;
+/// How many used blocks are kept for reuse. A block whose payloads are all gone is read into
+/// again rather than freed: fresh memory must be faulted in and zeroed by the kernel page by
+/// page, which for large messages cost more than copying them out of a shared buffer (measured
+/// at 16 KiB: the zeroing was a third of the reading thread's time). The blocks kept are
+/// mapped and warm; at most `SPARE_BLOCKS` x `BLOCK` bytes, beyond the blocks still in use.
+const SPARE_BLOCKS: usize = 64;
 
 /// A stream that, until its owner says the handshake is over, returns bytes only up to the end
 /// of the HTTP response headers (`\r\n\r\n`); what came after them is kept and returned first
@@ -193,7 +194,14 @@ fn invalid_utf8(e: Option<std::str::Utf8Error>) -> FrameError {
 
 /// Parses frames out of a buffer it fills from the socket; see the module docs.
 pub struct FrameReader {
+    /// The block being read into: the bytes read and not yet parsed, then free room.
     buf: BytesMut,
+    /// Blocks read into before `buf`, emptied, oldest first; their payloads may still be alive.
+    spare: VecDeque<BytesMut>,
+    /// The size `buf`'s block was allocated with (0: none yet, or not known to be one).
+    block: usize,
+    /// How many blocks were allocated so far (the rest of the time, one was reused).
+    made: u64,
     max_message: usize,
     partial: Option<Partial>,
 }
@@ -202,6 +210,9 @@ impl FrameReader {
     pub fn new(max_message: usize) -> Self {
         FrameReader {
             buf: BytesMut::new(),
+            spare: VecDeque::new(),
+            block: 0,
+            made: 0,
             max_message,
             partial: None,
         }
@@ -211,9 +222,36 @@ impl FrameReader {
     /// nothing is lost if the future is dropped before it completes.
     pub async fn fill<R: AsyncRead + Unpin>(&mut self, from: &mut R) -> io::Result<usize> {
         if self.buf.capacity() - self.buf.len() < MIN_ROOM {
-            self.buf.reserve(READ_ROOM);
+            self.make_room(MIN_ROOM);
         }
         from.read_buf(&mut self.buf).await
+    }
+
+    /// At least `want` bytes of free room after the unparsed bytes: in the same block if no
+    /// payload still shares it, else in a spare block whose payloads are all gone, else in a
+    /// new one. The unparsed bytes (part of a frame at most) move along.
+    fn make_room(&mut self, want: usize) {
+        if self.buf.capacity() - self.buf.len() >= want || self.buf.try_reclaim(want) {
+            return;
+        }
+        let held = self.buf.len();
+        let size = (held + want).max(BLOCK);
+        let (mut next, block) = match self.spare.iter_mut().position(|b| b.try_reclaim(size)) {
+            Some(i) => (self.spare.remove(i).expect("found above"), BLOCK),
+            None => {
+                self.made += 1;
+                (BytesMut::with_capacity(size), size)
+            }
+        };
+        next.extend_from_slice(&self.buf);
+        let mut used = std::mem::replace(&mut self.buf, next);
+        used.clear();
+        let used_block = std::mem::replace(&mut self.block, block);
+        // A block made for one large message is not kept: it would hold its size for good.
+        // Nor is one past the count: the blocks kept are the oldest, whose payloads go first.
+        if used_block == BLOCK && self.spare.len() < SPARE_BLOCKS {
+            self.spare.push_back(used);
+        }
     }
 
     /// The next message or control frame among the bytes read so far; None until more bytes
@@ -224,19 +262,12 @@ impl FrameReader {
                 return Ok(None);
             };
             if self.buf.len() < start + len {
-                // Room for the whole frame and a read's worth more, once: the reads after
-                // this fill it without moving it.
-                self.buf.reserve(start + len - self.buf.len() + READ_ROOM);
+                // Room for the whole frame, once: the reads after this fill it in place.
+                self.make_room(start + len - self.buf.len());
                 return Ok(None);
             }
             self.buf.advance(start);
-            let payload = if len >= COPY_FROM {
-                let copy = BytesMut::from(&self.buf[..len]);
-                self.buf.advance(len);
-                copy
-            } else {
-                self.buf.split_to(len)
-            };
+            let payload = self.buf.split_to(len);
             match opcode {
                 0x8 => return close_event(&payload).map(Some),
                 0x9 => return Ok(Some(Event::Ping(payload.freeze()))),
@@ -506,6 +537,57 @@ mod tests {
         huge.extend_from_slice(&u64::MAX.to_be_bytes());
         let (_, err) = events(&huge, 10, 100);
         assert!(matches!(err, Some(FrameError::TooBig { limit: 100, .. })));
+    }
+
+    /// Reads `n` text frames of `size` bytes from `wire` through `fill`, as the read loop does.
+    async fn read_frames(r: &mut FrameReader, wire: &mut &[u8], n: usize) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            match r.next_event().unwrap() {
+                Some(Event::Message(Kind::Text, payload)) => out.push(payload),
+                Some(other) => panic!("unexpected {other:?}"),
+                None => assert!(r.fill(wire).await.unwrap() > 0, "the wire ran out"),
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn read_blocks_are_reused_once_their_payloads_are_gone() {
+        let one = frame(0x81, &[b'x'; 16 * 1024]);
+        let wire: Vec<u8> = one.iter().copied().cycle().take(one.len() * 2000).collect();
+        let mut rest = &wire[..];
+        let mut r = FrameReader::new(1 << 20);
+        // Each payload dropped as soon as it is read: the one block is read into again.
+        for _ in 0..200 {
+            drop(read_frames(&mut r, &mut rest, 1).await);
+        }
+        assert_eq!(r.made, 1);
+        // Payloads kept: the reader moves on to new blocks and keeps none of them back.
+        let kept = read_frames(&mut r, &mut rest, 400).await;
+        let made = r.made;
+        assert!(made >= 400 * 16 / 128, "{made} blocks for 6 MiB");
+        assert!(kept.iter().all(|p| p.len() == 16 * 1024 && p[0] == b'x'));
+        // Once they are gone, the blocks they held serve the next 400.
+        drop(kept);
+        let again = read_frames(&mut r, &mut rest, 400).await;
+        assert!(r.made <= made + 1, "{} blocks made again", r.made - made);
+        drop(again);
+        assert!(r.spare.len() <= SPARE_BLOCKS);
+        // More payloads alive than the spares can hold: the spares stay within their count.
+        let kept = read_frames(&mut r, &mut rest, 1000).await;
+        assert_eq!(r.spare.len(), SPARE_BLOCKS);
+        drop(kept);
+        // A block made for a message larger than a block is not kept for reuse.
+        let big = [frame(0x81, &vec![b'y'; 3 * BLOCK]), frame(0x81, b"after")].concat();
+        let mut rest = &big[..];
+        let mut r = FrameReader::new(1 << 22);
+        let payloads = read_frames(&mut r, &mut rest, 2).await;
+        assert_eq!(payloads[0].len(), 3 * BLOCK);
+        assert_eq!(&payloads[1][..], b"after");
+        while r.fill(&mut rest).await.unwrap() > 0 {}
+        // The first block was kept and read into again; the large one is gone.
+        assert_eq!((r.made, r.spare.len(), r.block), (2, 0, BLOCK));
     }
 
     #[tokio::test]
