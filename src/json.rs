@@ -67,6 +67,11 @@ impl Json {
         Json::parse(&Bytes::from(serde_json::to_vec(value)?))
     }
 
+    /// The payload it was parsed from (its `Str` ranges are into it).
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
     /// The nodes; the document's root is node 0.
     pub fn nodes(&self) -> &[Node] {
         &self.nodes
@@ -82,12 +87,17 @@ impl Json {
     /// so a caller that only compares or hands them on need not check them again.
     pub fn str_bytes_at(&self, node: Node) -> Option<&[u8]> {
         match node {
-            Node::Str { start, len } => {
-                let start = start as usize;
-                self.payload.get(start..start + len as usize)
-            }
             Node::Owned(i) => self.owned.get(i as usize).map(|s| s.as_bytes()),
-            _ => None,
+            node => leaf_str(&self.payload, node),
+        }
+    }
+
+    /// The node at `index` if it can be read without the tape, from the payload alone (see
+    /// [`leaf_str`], [`leaf_value`]): a scalar or a string without escapes.
+    pub fn leaf(&self, index: usize) -> Option<Node> {
+        match self.nodes[index] {
+            Node::Owned(_) | Node::Array { .. } | Node::Object { .. } => None,
+            leaf => Some(leaf),
         }
     }
 
@@ -138,12 +148,7 @@ impl Json {
     pub fn value_at(&self, index: usize) -> serde_json::Value {
         use serde_json::Value;
         match self.nodes[index] {
-            Node::Null => Value::Null,
-            Node::Bool(b) => Value::Bool(b),
-            Node::Int(i) => Value::from(i),
-            Node::UInt(u) => Value::from(u),
-            Node::Float(f) => Value::from(f),
-            node @ (Node::Str { .. } | Node::Owned(_)) => {
+            node @ Node::Owned(_) => {
                 Value::String(self.str_at(node).unwrap_or_default().to_owned())
             }
             Node::Array { len, .. } => {
@@ -167,6 +172,7 @@ impl Json {
                 }
                 Value::Object(map)
             }
+            leaf => leaf_value(&self.payload, leaf),
         }
     }
 
@@ -281,6 +287,35 @@ impl<'de> Visitor<'de> for Seed<'_> {
             len += 1;
         }
         self.close(at, len, true)
+    }
+}
+
+/// The UTF-8 bytes of a `Str` node (a string without escapes), from the payload it was parsed
+/// from; None for any other node.
+pub fn leaf_str(payload: &[u8], node: Node) -> Option<&[u8]> {
+    match node {
+        Node::Str { start, len } => {
+            let start = start as usize;
+            payload.get(start..start + len as usize)
+        }
+        _ => None,
+    }
+}
+
+/// A leaf node (see [`Json::leaf`]) as a `serde_json::Value`, its string read from `payload`;
+/// null for any other node.
+pub fn leaf_value(payload: &[u8], node: Node) -> serde_json::Value {
+    use serde_json::Value;
+    match node {
+        Node::Bool(b) => Value::Bool(b),
+        Node::Int(i) => Value::from(i),
+        Node::UInt(u) => Value::from(u),
+        Node::Float(f) => Value::from(f),
+        Node::Str { .. } => {
+            let text = leaf_str(payload, node).and_then(|b| std::str::from_utf8(b).ok());
+            Value::String(text.unwrap_or_default().to_owned())
+        }
+        Node::Null | Node::Owned(_) | Node::Array { .. } | Node::Object { .. } => Value::Null,
     }
 }
 

@@ -15,7 +15,8 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyString};
 use crate::errors::Error;
 use crate::job::Data;
 use crate::journal::{Journal, Link, Outcome, Record, Status, StoredValue, SyncMode};
-use crate::py::{to_pyerr, Out, PyJobResult};
+use crate::json::{self, Node};
+use crate::py::{to_pyerr, Out, Picks, PyJobResult};
 
 /// How long a status query waits for the stream's journal writer.
 const QUERY_WAIT: Duration = Duration::from_secs(10);
@@ -32,14 +33,27 @@ pub(crate) fn describe(out: &Out, ok: bool) -> Outcome {
         },
         // `Select`: the picked fields as JSON, natively (a missing field is null).
         Out::Selected(selected) => {
-            let doc = match (&selected.own, &selected.data) {
-                (Some(doc), _) | (None, Data::Json(doc)) => doc,
-                (None, _) => return Outcome::Done { value: None },
-            };
-            let pick = |p: &Option<usize>| p.map_or(serde_json::Value::Null, |i| doc.value_at(i));
-            let value = match selected.picks.as_slice() {
-                [one] => pick(one),
-                many => serde_json::Value::Array(many.iter().map(pick).collect()),
+            let value = match (&selected.picks, &selected.data) {
+                (Picks::Leaves(leaves, n), _) => {
+                    let payload = &selected.job.payload;
+                    let pick = |l: &Option<Node>| {
+                        l.map_or(serde_json::Value::Null, |n| json::leaf_value(payload, n))
+                    };
+                    one_or_array(&leaves[..*n as usize], pick)
+                }
+                (
+                    Picks::Tree {
+                        own: Some(doc),
+                        picks,
+                    },
+                    _,
+                )
+                | (Picks::Tree { own: None, picks }, Data::Json(doc)) => {
+                    let pick =
+                        |p: &Option<usize>| p.map_or(serde_json::Value::Null, |i| doc.value_at(i));
+                    one_or_array(picks, pick)
+                }
+                (Picks::Tree { .. }, _) => return Outcome::Done { value: None },
             };
             Outcome::Done {
                 value: Some(StoredValue {
@@ -54,6 +68,14 @@ pub(crate) fn describe(out: &Out, ok: bool) -> Outcome {
         },
         Out::Done(result) => Python::try_attach(|py| describe_result(py, result.get()))
             .unwrap_or_else(|| Outcome::plain(ok)),
+    }
+}
+
+/// A `Select` value as JSON: the one field alone, or the array of them.
+fn one_or_array<T>(fields: &[T], pick: impl Fn(&T) -> serde_json::Value) -> serde_json::Value {
+    match fields {
+        [one] => pick(one),
+        many => serde_json::Value::Array(many.iter().map(pick).collect()),
     }
 }
 
