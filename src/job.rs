@@ -33,6 +33,16 @@ pub struct Job {
 }
 
 /// How the workers decode payloads before the handler sees them.
+impl Job {
+    /// The same job with an empty payload.
+    pub fn without_payload(&self) -> Job {
+        Job {
+            payload: Bytes::new(),
+            ..*self
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecodeMode {
     Bytes,

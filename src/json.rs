@@ -50,16 +50,32 @@ impl PartialEq for Json {
 impl Json {
     /// Parses a payload (strict JSON, one document, nesting depth at most 128).
     pub fn parse(payload: &Bytes) -> Result<Json, serde_json::Error> {
-        let mut tape = Json {
-            payload: payload.clone(),
+        Json::parse_owned(payload.clone()).map_err(|(_, e)| e)
+    }
+
+    /// [`Json::parse`] taking the payload, and giving it back if it is not JSON. Saves a
+    /// clone of the payload handle where the caller has no further use for it.
+    pub fn parse_owned(payload: Bytes) -> Result<Json, (Bytes, serde_json::Error)> {
+        let mut tape = Tape {
             // About one node per 8 bytes of typical messages: one allocation for most.
             nodes: Vec::with_capacity(payload.len() / 8 + 4),
             owned: Vec::new(),
+            within: payload.as_ptr_range(),
         };
-        let mut de = serde_json::Deserializer::from_slice(payload);
-        Seed(&mut tape).deserialize(&mut de)?;
-        de.end()?;
-        Ok(tape)
+        let mut de = serde_json::Deserializer::from_slice(&payload);
+        match Seed(&mut tape).deserialize(&mut de).and_then(|()| de.end()) {
+            Ok(()) => Ok(Json {
+                payload,
+                nodes: tape.nodes,
+                owned: tape.owned,
+            }),
+            Err(e) => Err((payload, e)),
+        }
+    }
+
+    /// The payload it was parsed from, given back.
+    pub fn into_payload(self) -> Bytes {
+        self.payload
     }
 
     /// The tape of a `serde_json::Value` (for tests and native callers).
@@ -182,8 +198,15 @@ impl Json {
     }
 }
 
+/// A tape being parsed: `within` is the payload's memory (strings inside it are ranges).
+struct Tape {
+    nodes: Vec<Node>,
+    owned: Vec<Box<str>>,
+    within: std::ops::Range<*const u8>,
+}
+
 /// Appends one value (and its descendants) to the tape.
-struct Seed<'t>(&'t mut Json);
+struct Seed<'t>(&'t mut Tape);
 
 impl<'de> DeserializeSeed<'de> for Seed<'_> {
     type Value = ();
@@ -200,9 +223,9 @@ fn count<E: serde::de::Error>(n: usize) -> Result<u32, E> {
 impl Seed<'_> {
     fn push_str<E: serde::de::Error>(self, s: &str) -> Result<(), E> {
         let tape = self.0;
-        let base = tape.payload.as_ptr() as usize;
+        let (base, end) = (tape.within.start as usize, tape.within.end as usize);
         let at = s.as_ptr() as usize;
-        let node = if at >= base && at + s.len() <= base + tape.payload.len() {
+        let node = if at >= base && at + s.len() <= end {
             Node::Str {
                 start: count(at - base)?,
                 len: count(s.len())?,
@@ -341,6 +364,32 @@ mod tests {
         let e = doc.path(["e"]).expect("e");
         assert_eq!(doc.str_at(doc.nodes()[e]), Some("tab\there é"));
         assert!(matches!(doc.nodes()[e], Node::Owned(0)));
+    }
+
+    #[test]
+    fn a_parse_that_takes_the_payload_gives_it_back() {
+        let payload = Bytes::from_static(br#"{"s":"in place","e":"\u00e9","n":[1]}"#);
+        let doc = Json::parse_owned(payload.clone()).expect("valid JSON");
+        let s = doc.path(["s"]).expect("s");
+        // A string without escapes is a leaf: readable from the payload alone.
+        let leaf = doc.leaf(s).expect("a leaf");
+        assert_eq!(leaf_str(&payload, leaf), Some(&b"in place"[..]));
+        assert_eq!(leaf_value(&payload, leaf), json!("in place"));
+        assert_eq!(
+            doc.leaf(doc.path(["e"]).expect("e")),
+            None,
+            "escaped: owned"
+        );
+        assert_eq!(doc.leaf(doc.path(["n"]).expect("n")), None, "a container");
+        assert_eq!(
+            doc.into_payload().as_ptr(),
+            payload.as_ptr(),
+            "the same bytes"
+        );
+        let bad = Bytes::from_static(b"{not json");
+        let (back, e) = Json::parse_owned(bad.clone()).expect_err("not JSON");
+        assert_eq!((back.as_ptr(), back.len()), (bad.as_ptr(), bad.len()));
+        assert!(e.to_string().contains("key must be a string"), "{e}");
     }
 
     #[test]

@@ -514,8 +514,8 @@ pub(crate) enum Picks {
 }
 
 impl Picks {
-    /// The picks of `paths` in `doc`; `own`: whether `doc` is the processor's own parse.
-    fn of(doc: Json, paths: &[Vec<String>], own: bool) -> (Picks, Option<Json>) {
+    /// The picks of `paths` in `doc`, as leaves where they all are (`own` is left None).
+    fn of(doc: &Json, paths: &[Vec<String>]) -> Picks {
         let picks = doc.select(paths);
         let mut leaves = [None; LEAVES];
         let leaf = |(slot, pick): (&mut Option<Node>, &Option<usize>)| match pick {
@@ -523,20 +523,9 @@ impl Picks {
             None => true,
         };
         if picks.len() <= LEAVES && leaves.iter_mut().zip(&picks).all(leaf) {
-            let kept = (!own).then_some(doc);
-            return (Picks::Leaves(leaves, picks.len() as u8), kept);
+            return Picks::Leaves(leaves, picks.len() as u8);
         }
-        if own {
-            (
-                Picks::Tree {
-                    own: Some(doc),
-                    picks,
-                },
-                None,
-            )
-        } else {
-            (Picks::Tree { own: None, picks }, Some(doc))
-        }
+        Picks::Tree { own: None, picks }
     }
 }
 
@@ -790,16 +779,34 @@ fn selected(job: Job, data: Data, picks: Picks) -> Out {
 }
 
 /// Runs a `Select` on a job, natively.
-fn select(job: Job, decoded: Result<Data, DecodeError>, paths: &[Vec<String>]) -> (Out, bool) {
+fn select(mut job: Job, decoded: Result<Data, DecodeError>, paths: &[Vec<String>]) -> (Out, bool) {
     match decoded {
         Ok(Data::Json(doc)) => {
-            let (picks, doc) = Picks::of(doc, paths, false);
-            let data = Data::Json(doc.expect("not its own parse: handed back"));
-            (selected(job, data, picks), true)
+            let picks = Picks::of(&doc, paths);
+            (selected(job, Data::Json(doc), picks), true)
         }
-        Ok(other) => match Json::parse(&job.payload) {
-            Ok(doc) => (selected(job, other, Picks::of(doc, paths, true).0), true),
-            Err(e) => {
+        // A parse of its own, which takes the payload (its handle's count is shared with the
+        // other messages of its read block; each clone is an update other threads contend on)
+        // and gives it back unless the picks need the tape.
+        Ok(other) => match Json::parse_owned(std::mem::take(&mut job.payload)) {
+            Ok(doc) => {
+                let picks = match Picks::of(&doc, paths) {
+                    Picks::Tree { picks, .. } => {
+                        job.payload = doc.payload().clone();
+                        Picks::Tree {
+                            own: Some(doc),
+                            picks,
+                        }
+                    }
+                    leaves => {
+                        job.payload = doc.into_payload();
+                        leaves
+                    }
+                };
+                (selected(job, other, picks), true)
+            }
+            Err((payload, e)) => {
+                job.payload = payload;
                 let e = DecodeError {
                     message: format!("payload is not valid JSON: {e}"),
                 };

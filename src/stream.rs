@@ -290,7 +290,7 @@ impl<O: Send + 'static> Stream<O> {
         describe: Describe<O>,
     ) -> Result<Self, Error> {
         #[cfg(feature = "test-panic")]
-        let processor = test_panic::Worker(processor);
+        let processor = test_panic::Worker::new(processor);
         ws::prepare_request(&config.url, &config.headers)?;
         config.check()?;
         let tls = ws::tls_config(&config.tls)?;
@@ -885,14 +885,22 @@ mod test_panic {
     }
 
     /// Wraps the real processor: the trigger panics in `process` (caught by the per-job guard)
-    /// and again in `panicked`, which runs outside it, so the worker thread dies.
-    pub(super) struct Worker<P>(pub P);
+    /// and again in `panicked`, which runs outside it, so the worker thread dies. `panicked`
+    /// gets the job without its payload: the id of the trigger's job is kept to know it.
+    pub(super) struct Worker<P>(pub P, pub std::sync::atomic::AtomicU64);
+
+    impl<P> Worker<P> {
+        pub(super) fn new(processor: P) -> Self {
+            Worker(processor, std::sync::atomic::AtomicU64::new(u64::MAX))
+        }
+    }
 
     impl<P: Processor> Processor for Worker<P> {
         type Output = P::Output;
 
         fn process(&self, job: Job, decoded: Result<Data, DecodeError>) -> (P::Output, bool) {
             if job.payload.as_ref() == WORKER {
+                self.1.store(job.id, std::sync::atomic::Ordering::SeqCst);
                 panic!("test-panic: a job panics on purpose");
             }
             self.0.process(job, decoded)
@@ -921,7 +929,7 @@ mod test_panic {
         }
 
         fn panicked(&self, job: Job, error: Error) -> P::Output {
-            if job.payload.as_ref() == WORKER {
+            if job.id == self.1.load(std::sync::atomic::Ordering::SeqCst) {
                 panic!("test-panic: a worker dies on purpose");
             }
             self.0.panicked(job, error)
