@@ -481,6 +481,11 @@ impl PyStats {
 /// worker, which holds the GIL only for that), or native data converted later in batches.
 pub(crate) enum Out {
     Native(Job, Result<Data, DecodeError>),
+    /// No handler and `decode="bytes"`: the value is the job's payload. Its decoded copy (a
+    /// second handle on the payload) is dropped on the worker, right after it was made, so
+    /// that the consuming thread updates the read block's shared count once per message,
+    /// not twice.
+    Payload(Job),
     /// A `Select` processor's picks. Boxed: outcomes are moved several times on their way to
     /// Python, and this one would make every outcome (all variants are as big as the biggest)
     /// about 250 bytes instead of about 140.
@@ -533,7 +538,7 @@ impl Out {
     /// The payload bytes of the job this came from.
     fn size(&self) -> usize {
         match self {
-            Out::Native(job, _) | Out::Panicked(job, _) => job.payload.len(),
+            Out::Native(job, _) | Out::Payload(job) | Out::Panicked(job, _) => job.payload.len(),
             Out::Selected(s) => s.job.payload.len(),
             Out::Done(result) => result.get().native.payload.len(),
         }
@@ -703,6 +708,9 @@ impl Processor for PyProcessor {
                 let ok = decoded.is_ok();
                 if self.replies.is_some() {
                     self.reply(job.connection, native_reply(&job, &decoded));
+                }
+                if let Ok(Data::Bytes(_)) = decoded {
+                    return (Out::Payload(job), true);
                 }
                 return (Out::Native(job, decoded), ok);
             }
@@ -899,6 +907,7 @@ fn selected_value(py: Python<'_>, keys: &KeyCache, s: &Selected) -> PyResult<Py<
 fn out_ok(out: &Out) -> bool {
     match out {
         Out::Native(_, decoded) => decoded.is_ok(),
+        Out::Payload(_) => true,
         Out::Selected(..) => true,
         Out::Done(result) => result.get().error.is_none(),
         Out::Panicked(..) => false,
@@ -911,6 +920,7 @@ fn out_ok(out: &Out) -> bool {
 fn out_value(py: Python<'_>, keys: &Arc<KeyCache>, out: &Out) -> PyResult<Py<PyAny>> {
     match out {
         Out::Native(_, Ok(data)) => data_to_py(py, data, keys),
+        Out::Payload(job) => Ok(PyBytes::new(py, &job.payload).into_any().unbind()),
         Out::Selected(s) => selected_value(py, keys, s),
         Out::Done(result) => result.get().value(py),
         Out::Native(_, Err(_)) | Out::Panicked(..) => Err(to_pyerr(
@@ -934,6 +944,16 @@ fn out_to_py(py: Python<'_>, keys: &Arc<KeyCache>, out: Out) -> PyResult<Py<PyJo
         }
         Out::Done(r) => Ok(r),
         Out::Native(job, decoded) => Ok(finish(py, None, keys, job, decoded)?.0),
+        // Not decoded: `job.data`, and so the value, is the payload as bytes.
+        Out::Payload(job) => Py::new(
+            py,
+            PyJobResult {
+                native: Native::new(job, None, keys),
+                job: OnceLock::new(),
+                value: None,
+                error: None,
+            },
+        ),
         Out::Panicked(job, error) => internal_result(py, keys, job, error),
     }
 }

@@ -26,7 +26,7 @@ const QUERY_WAIT: Duration = Duration::from_secs(10);
 pub(crate) fn describe(out: &Out, ok: bool) -> Outcome {
     match out {
         // No handler: the value is the payload, which the journal has already.
-        Out::Native(_, Ok(_)) => Outcome::Done { value: None },
+        Out::Native(_, Ok(_)) | Out::Payload(_) => Outcome::Done { value: None },
         Out::Native(_, Err(e)) => Outcome::Failed {
             error_type: "DecodeError".into(),
             message: e.message.clone(),

@@ -87,6 +87,7 @@ def test_decode_modes_and_frame_types(mock_server):
     assert by_id[0].value == b"\xff\x01raw" and by_id[0].job.type == "binary"
     assert by_id[1].value == "héllo".encode() and by_id[1].job.type == "text"
     assert by_id[1].job.metadata == {"size": len("héllo".encode())}
+    assert all(r.ok and r.error is None and r.job.data is r.value for r in by_id.values())
 
     with wspool.consume(server.url, decode="text", workers=1) as stream:
         by_id = {r.job.id: r for r in stream}
