@@ -539,7 +539,7 @@ mod tests {
         assert!(matches!(err, Some(FrameError::TooBig { limit: 100, .. })));
     }
 
-    /// Reads `n` text frames of `size` bytes from `wire` through `fill`, as the read loop does.
+    /// Reads `n` text messages from `wire` through `fill` and `next_event`, as the read loop does.
     async fn read_frames(r: &mut FrameReader, wire: &mut &[u8], n: usize) -> Vec<Bytes> {
         let mut out = Vec::new();
         while out.len() < n {
