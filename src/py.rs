@@ -496,7 +496,10 @@ pub(crate) enum Out {
 
 pub(crate) struct Selected {
     pub(crate) job: Job,
-    pub(crate) data: Data,
+    /// The decoded payload; None for `decode="bytes"`, whose data is the payload itself (a
+    /// second handle on it would be one more update of its read block's shared count, on the
+    /// consuming thread, when it goes).
+    pub(crate) data: Option<Data>,
     pub(crate) picks: Picks,
 }
 
@@ -783,6 +786,10 @@ impl Processor for PyProcessor {
 }
 
 fn selected(job: Job, data: Data, picks: Picks) -> Out {
+    let data = match data {
+        Data::Bytes(_) => None,
+        other => Some(other),
+    };
     Out::Selected(Box::new(Selected { job, data, picks }))
 }
 
@@ -898,7 +905,7 @@ fn selected_value(py: Python<'_>, keys: &KeyCache, s: &Selected) -> PyResult<Py<
             },
             _,
         )
-        | (Picks::Tree { own: None, picks }, Data::Json(doc)) => picked(py, doc, picks, keys),
+        | (Picks::Tree { own: None, picks }, Some(Data::Json(doc))) => picked(py, doc, picks, keys),
         (Picks::Tree { .. }, _) => Ok(py.None()),
     }
 }
@@ -935,7 +942,7 @@ fn out_to_py(py: Python<'_>, keys: &Arc<KeyCache>, out: Out) -> PyResult<Py<PyJo
         Out::Selected(s) => {
             let value = selected_value(py, keys, &s)?;
             let result = PyJobResult {
-                native: Native::new(s.job, Some(s.data), keys),
+                native: Native::new(s.job, s.data, keys),
                 job: OnceLock::new(),
                 value: Some(value),
                 error: None,

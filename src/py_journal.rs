@@ -48,7 +48,7 @@ pub(crate) fn describe(out: &Out, ok: bool) -> Outcome {
                     },
                     _,
                 )
-                | (Picks::Tree { own: None, picks }, Data::Json(doc)) => {
+                | (Picks::Tree { own: None, picks }, Some(Data::Json(doc))) => {
                     let pick =
                         |p: &Option<usize>| p.map_or(serde_json::Value::Null, |i| doc.value_at(i));
                     one_or_array(picks, pick)
