@@ -486,13 +486,22 @@ pub(crate) enum Out {
     /// that the consuming thread updates the read block's shared count once per message,
     /// not twice.
     Payload(Job),
-    /// A `Select` processor's picks. Boxed: outcomes are moved several times on their way to
-    /// Python, and this one would make every outcome (all variants are as big as the biggest)
-    /// about 250 bytes instead of about 140.
+    /// A `Select` processor's picks, all leaves, from a payload not otherwise decoded
+    /// (`decode="bytes"`): not boxed, so that nothing the worker allocated per message is
+    /// freed on the consuming thread (a free into another thread's malloc arena takes that
+    /// arena's lock).
+    Picked(Job, Leaves),
+    /// A `Select` processor's picks, any other. Boxed: outcomes are moved several times on
+    /// their way to Python, and this one would make every outcome (all variants are as big as
+    /// the biggest) about 250 bytes instead of about 140.
     Selected(Box<Selected>),
     Done(Py<PyJobResult>),
     Panicked(Job, Error),
 }
+
+// Outcomes are moved several times on their way to Python: the unboxed variants must not make
+// every one of them larger (136 bytes on x86-64 with `Out::Picked`, as before it).
+const _: () = assert!(std::mem::size_of::<Out>() <= 136);
 
 pub(crate) struct Selected {
     pub(crate) job: Job,
@@ -503,16 +512,29 @@ pub(crate) struct Selected {
     pub(crate) picks: Picks,
 }
 
-/// At most this many fields are kept as [`Picks::Leaves`].
+/// At most this many fields are kept as [`Leaves`].
 const LEAVES: usize = 4;
+
+/// Picked fields, each absent (None), a scalar or a string without escapes (a range of the
+/// job's payload): their nodes alone, readable without the tape.
+#[derive(Clone, Copy)]
+pub(crate) struct Leaves {
+    nodes: [Option<Node>; LEAVES],
+    len: u8,
+}
+
+impl Leaves {
+    pub(crate) fn nodes(&self) -> &[Option<Node>] {
+        &self.nodes[..self.len as usize]
+    }
+}
 
 /// The fields a `Select` picked from one message.
 pub(crate) enum Picks {
-    /// Each field absent (None), a scalar or a string without escapes (a range of the job's
-    /// payload): their nodes alone, so the tape of a parse of its own is freed on the worker
-    /// that made it, not on the consuming thread (on which, with the picks' list, the frees
-    /// of memory from the workers' arenas were about a third of its time).
-    Leaves([Option<Node>; LEAVES], u8),
+    /// Leaves only: the tape of a parse of its own is freed on the worker that made it, not
+    /// on the consuming thread (on which, with the picks' list, the frees of memory from the
+    /// workers' arenas were about a third of its time).
+    Leaves(Leaves),
     /// Any other: node indexes into the decoded JSON, or into `own`, the processor's own parse
     /// when `decode=` was not "json".
     Tree {
@@ -531,7 +553,8 @@ impl Picks {
             None => true,
         };
         if picks.len() <= LEAVES && leaves.iter_mut().zip(&picks).all(leaf) {
-            return Picks::Leaves(leaves, picks.len() as u8);
+            let len = picks.len() as u8;
+            return Picks::Leaves(Leaves { nodes: leaves, len });
         }
         Picks::Tree { own: None, picks }
     }
@@ -541,7 +564,10 @@ impl Out {
     /// The payload bytes of the job this came from.
     fn size(&self) -> usize {
         match self {
-            Out::Native(job, _) | Out::Payload(job) | Out::Panicked(job, _) => job.payload.len(),
+            Out::Native(job, _)
+            | Out::Payload(job)
+            | Out::Picked(job, _)
+            | Out::Panicked(job, _) => job.payload.len(),
             Out::Selected(s) => s.job.payload.len(),
             Out::Done(result) => result.get().native.payload.len(),
         }
@@ -790,7 +816,10 @@ fn selected(job: Job, data: Data, picks: Picks) -> Out {
         Data::Bytes(_) => None,
         other => Some(other),
     };
-    Out::Selected(Box::new(Selected { job, data, picks }))
+    match (data, picks) {
+        (None, Picks::Leaves(leaves)) => Out::Picked(job, leaves),
+        (data, picks) => Out::Selected(Box::new(Selected { job, data, picks })),
+    }
 }
 
 /// Runs a `Select` on a job, natively.
@@ -888,16 +917,21 @@ fn leaf_to_py<'py>(py: Python<'py>, node: Node, payload: &[u8]) -> PyResult<Boun
     })
 }
 
+/// The value of a `Select` result from its leaves, their strings read from `payload`.
+fn leaves_value(py: Python<'_>, leaves: &Leaves, payload: &[u8]) -> PyResult<Py<PyAny>> {
+    one_or_tuple(py, leaves.nodes(), |leaf| {
+        leaf.map_or_else(
+            || Ok(py.None().into_bound(py)),
+            |node| leaf_to_py(py, node, payload),
+        )
+    })
+}
+
 /// The value of a `Select` result: from its leaves, or from the processor's own parse or the
 /// decoded JSON.
 fn selected_value(py: Python<'_>, keys: &KeyCache, s: &Selected) -> PyResult<Py<PyAny>> {
     match (&s.picks, &s.data) {
-        (Picks::Leaves(leaves, n), _) => one_or_tuple(py, &leaves[..*n as usize], |leaf| {
-            leaf.map_or_else(
-                || Ok(py.None().into_bound(py)),
-                |node| leaf_to_py(py, node, &s.job.payload),
-            )
-        }),
+        (Picks::Leaves(leaves), _) => leaves_value(py, leaves, &s.job.payload),
         (
             Picks::Tree {
                 own: Some(doc),
@@ -914,7 +948,7 @@ fn selected_value(py: Python<'_>, keys: &KeyCache, s: &Selected) -> PyResult<Py<
 fn out_ok(out: &Out) -> bool {
     match out {
         Out::Native(_, decoded) => decoded.is_ok(),
-        Out::Payload(_) => true,
+        Out::Payload(_) | Out::Picked(..) => true,
         Out::Selected(..) => true,
         Out::Done(result) => result.get().error.is_none(),
         Out::Panicked(..) => false,
@@ -928,6 +962,7 @@ fn out_value(py: Python<'_>, keys: &Arc<KeyCache>, out: &Out) -> PyResult<Py<PyA
     match out {
         Out::Native(_, Ok(data)) => data_to_py(py, data, keys),
         Out::Payload(job) => Ok(PyBytes::new(py, &job.payload).into_any().unbind()),
+        Out::Picked(job, leaves) => leaves_value(py, leaves, &job.payload),
         Out::Selected(s) => selected_value(py, keys, s),
         Out::Done(result) => result.get().value(py),
         Out::Native(_, Err(_)) | Out::Panicked(..) => Err(to_pyerr(
@@ -951,6 +986,16 @@ fn out_to_py(py: Python<'_>, keys: &Arc<KeyCache>, out: Out) -> PyResult<Py<PyJo
         }
         Out::Done(r) => Ok(r),
         Out::Native(job, decoded) => Ok(finish(py, None, keys, job, decoded)?.0),
+        Out::Picked(job, leaves) => {
+            let value = leaves_value(py, &leaves, &job.payload)?;
+            let result = PyJobResult {
+                native: Native::new(job, None, keys),
+                job: OnceLock::new(),
+                value: Some(value),
+                error: None,
+            };
+            Py::new(py, result)
+        }
         // Not decoded: `job.data`, and so the value, is the payload as bytes.
         Out::Payload(job) => Py::new(
             py,

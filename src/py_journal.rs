@@ -16,7 +16,7 @@ use crate::errors::Error;
 use crate::job::Data;
 use crate::journal::{Journal, Link, Outcome, Record, Status, StoredValue, SyncMode};
 use crate::json::{self, Node};
-use crate::py::{to_pyerr, Out, Picks, PyJobResult};
+use crate::py::{to_pyerr, Leaves, Out, Picks, PyJobResult};
 
 /// How long a status query waits for the stream's journal writer.
 const QUERY_WAIT: Duration = Duration::from_secs(10);
@@ -32,15 +32,10 @@ pub(crate) fn describe(out: &Out, ok: bool) -> Outcome {
             message: e.message.clone(),
         },
         // `Select`: the picked fields as JSON, natively (a missing field is null).
+        Out::Picked(job, leaves) => selected_done(&leaves_json(leaves, &job.payload)),
         Out::Selected(selected) => {
             let value = match (&selected.picks, &selected.data) {
-                (Picks::Leaves(leaves, n), _) => {
-                    let payload = &selected.job.payload;
-                    let pick = |l: &Option<Node>| {
-                        l.map_or(serde_json::Value::Null, |n| json::leaf_value(payload, n))
-                    };
-                    one_or_array(&leaves[..*n as usize], pick)
-                }
+                (Picks::Leaves(leaves), _) => leaves_json(leaves, &selected.job.payload),
                 (
                     Picks::Tree {
                         own: Some(doc),
@@ -55,12 +50,7 @@ pub(crate) fn describe(out: &Out, ok: bool) -> Outcome {
                 }
                 (Picks::Tree { .. }, _) => return Outcome::Done { value: None },
             };
-            Outcome::Done {
-                value: Some(StoredValue {
-                    text: value.to_string(),
-                    json: true,
-                }),
-            }
+            selected_done(&value)
         }
         Out::Panicked(_, e) => Outcome::Failed {
             error_type: "InternalError".into(),
@@ -69,6 +59,23 @@ pub(crate) fn describe(out: &Out, ok: bool) -> Outcome {
         Out::Done(result) => Python::try_attach(|py| describe_result(py, result.get()))
             .unwrap_or_else(|| Outcome::plain(ok)),
     }
+}
+
+/// A `Select` job done, its value stored as JSON.
+fn selected_done(value: &serde_json::Value) -> Outcome {
+    Outcome::Done {
+        value: Some(StoredValue {
+            text: value.to_string(),
+            json: true,
+        }),
+    }
+}
+
+/// A `Select` value from its leaves, as JSON, their strings read from `payload`.
+fn leaves_json(leaves: &Leaves, payload: &[u8]) -> serde_json::Value {
+    let pick =
+        |l: &Option<Node>| l.map_or(serde_json::Value::Null, |n| json::leaf_value(payload, n));
+    one_or_array(leaves.nodes(), pick)
 }
 
 /// A `Select` value as JSON: the one field alone, or the array of them.
