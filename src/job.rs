@@ -32,7 +32,6 @@ pub struct Job {
     pub connection: u32,
 }
 
-/// How the workers decode payloads before the handler sees them.
 impl Job {
     /// The same job with an empty payload.
     pub fn without_payload(&self) -> Job {
@@ -43,6 +42,7 @@ impl Job {
     }
 }
 
+/// How the workers decode payloads before the handler sees them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecodeMode {
     Bytes,
