@@ -512,6 +512,24 @@ pub(crate) struct Selected {
     pub(crate) picks: Picks,
 }
 
+impl Selected {
+    /// For [`Picks::Tree`]: the tape its indexes point into (the processor's own parse, or the
+    /// decoded JSON) and the indexes. None for leaves, or with no tape at all.
+    pub(crate) fn tree(&self) -> Option<(&Json, &[Option<usize>])> {
+        match (&self.picks, &self.data) {
+            (
+                Picks::Tree {
+                    own: Some(doc),
+                    picks,
+                },
+                _,
+            )
+            | (Picks::Tree { own: None, picks }, Some(Data::Json(doc))) => Some((doc, picks)),
+            _ => None,
+        }
+    }
+}
+
 /// At most this many fields are kept as [`Leaves`].
 const LEAVES: usize = 4;
 
@@ -543,9 +561,10 @@ pub(crate) enum Picks {
     },
 }
 
-impl Picks {
-    /// The picks of `paths` in `doc`, as leaves where they all are (`own` is left None).
-    fn of(doc: &Json, paths: &[Vec<String>]) -> Picks {
+impl Leaves {
+    /// The picks of `paths` in `doc` as leaves, or, where any is not one (or there are more
+    /// than `LEAVES`), as node indexes into `doc`.
+    fn of(doc: &Json, paths: &[Vec<String>]) -> Result<Leaves, Vec<Option<usize>>> {
         let picks = doc.select(paths);
         let mut leaves = [None; LEAVES];
         let leaf = |(slot, pick): (&mut Option<Node>, &Option<usize>)| match pick {
@@ -554,9 +573,9 @@ impl Picks {
         };
         if picks.len() <= LEAVES && leaves.iter_mut().zip(&picks).all(leaf) {
             let len = picks.len() as u8;
-            return Picks::Leaves(Leaves { nodes: leaves, len });
+            return Ok(Leaves { nodes: leaves, len });
         }
-        Picks::Tree { own: None, picks }
+        Err(picks)
     }
 }
 
@@ -826,7 +845,10 @@ fn selected(job: Job, data: Data, picks: Picks) -> Out {
 fn select(mut job: Job, decoded: Result<Data, DecodeError>, paths: &[Vec<String>]) -> (Out, bool) {
     match decoded {
         Ok(Data::Json(doc)) => {
-            let picks = Picks::of(&doc, paths);
+            let picks = match Leaves::of(&doc, paths) {
+                Ok(leaves) => Picks::Leaves(leaves),
+                Err(picks) => Picks::Tree { own: None, picks },
+            };
             (selected(job, Data::Json(doc), picks), true)
         }
         // A parse of its own, which takes the payload (its handle's count is shared with the
@@ -834,17 +856,17 @@ fn select(mut job: Job, decoded: Result<Data, DecodeError>, paths: &[Vec<String>
         // and gives it back unless the picks need the tape.
         Ok(other) => match Json::parse_owned(std::mem::take(&mut job.payload)) {
             Ok(doc) => {
-                let picks = match Picks::of(&doc, paths) {
-                    Picks::Tree { picks, .. } => {
+                let picks = match Leaves::of(&doc, paths) {
+                    Ok(leaves) => {
+                        job.payload = doc.into_payload();
+                        Picks::Leaves(leaves)
+                    }
+                    Err(picks) => {
                         job.payload = doc.payload().clone();
                         Picks::Tree {
                             own: Some(doc),
                             picks,
                         }
-                    }
-                    leaves => {
-                        job.payload = doc.into_payload();
-                        leaves
                     }
                 };
                 (selected(job, other, picks), true)
@@ -930,17 +952,12 @@ fn leaves_value(py: Python<'_>, leaves: &Leaves, payload: &[u8]) -> PyResult<Py<
 /// The value of a `Select` result: from its leaves, or from the processor's own parse or the
 /// decoded JSON.
 fn selected_value(py: Python<'_>, keys: &KeyCache, s: &Selected) -> PyResult<Py<PyAny>> {
-    match (&s.picks, &s.data) {
-        (Picks::Leaves(leaves), _) => leaves_value(py, leaves, &s.job.payload),
-        (
-            Picks::Tree {
-                own: Some(doc),
-                picks,
-            },
-            _,
-        )
-        | (Picks::Tree { own: None, picks }, Some(Data::Json(doc))) => picked(py, doc, picks, keys),
-        (Picks::Tree { .. }, _) => Ok(py.None()),
+    if let Picks::Leaves(leaves) = &s.picks {
+        return leaves_value(py, leaves, &s.job.payload);
+    }
+    match s.tree() {
+        Some((doc, picks)) => picked(py, doc, picks, keys),
+        None => Ok(py.None()),
     }
 }
 
@@ -948,8 +965,7 @@ fn selected_value(py: Python<'_>, keys: &KeyCache, s: &Selected) -> PyResult<Py<
 fn out_ok(out: &Out) -> bool {
     match out {
         Out::Native(_, decoded) => decoded.is_ok(),
-        Out::Payload(_) | Out::Picked(..) => true,
-        Out::Selected(..) => true,
+        Out::Payload(_) | Out::Picked(..) | Out::Selected(..) => true,
         Out::Done(result) => result.get().error.is_none(),
         Out::Panicked(..) => false,
     }
@@ -972,40 +988,35 @@ fn out_value(py: Python<'_>, keys: &Arc<KeyCache>, out: &Out) -> PyResult<Py<PyA
     }
 }
 
+/// The `Result` of a job that succeeded with no handler to call: `value` None is `job.data`.
+fn made_result(
+    py: Python<'_>,
+    native: Arc<Native>,
+    value: Option<Py<PyAny>>,
+) -> PyResult<Py<PyJobResult>> {
+    let result = PyJobResult {
+        native,
+        job: OnceLock::new(),
+        value,
+        error: None,
+    };
+    Py::new(py, result)
+}
+
 fn out_to_py(py: Python<'_>, keys: &Arc<KeyCache>, out: Out) -> PyResult<Py<PyJobResult>> {
     match out {
         Out::Selected(s) => {
             let value = selected_value(py, keys, &s)?;
-            let result = PyJobResult {
-                native: Native::new(s.job, s.data, keys),
-                job: OnceLock::new(),
-                value: Some(value),
-                error: None,
-            };
-            Py::new(py, result)
+            made_result(py, Native::new(s.job, s.data, keys), Some(value))
         }
         Out::Done(r) => Ok(r),
         Out::Native(job, decoded) => Ok(finish(py, None, keys, job, decoded)?.0),
         Out::Picked(job, leaves) => {
             let value = leaves_value(py, &leaves, &job.payload)?;
-            let result = PyJobResult {
-                native: Native::new(job, None, keys),
-                job: OnceLock::new(),
-                value: Some(value),
-                error: None,
-            };
-            Py::new(py, result)
+            made_result(py, Native::new(job, None, keys), Some(value))
         }
         // Not decoded: `job.data`, and so the value, is the payload as bytes.
-        Out::Payload(job) => Py::new(
-            py,
-            PyJobResult {
-                native: Native::new(job, None, keys),
-                job: OnceLock::new(),
-                value: None,
-                error: None,
-            },
-        ),
+        Out::Payload(job) => made_result(py, Native::new(job, None, keys), None),
         Out::Panicked(job, error) => internal_result(py, keys, job, error),
     }
 }

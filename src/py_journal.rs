@@ -13,7 +13,6 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyString};
 
 use crate::errors::Error;
-use crate::job::Data;
 use crate::journal::{Journal, Link, Outcome, Record, Status, StoredValue, SyncMode};
 use crate::json::{self, Node};
 use crate::py::{to_pyerr, Leaves, Out, Picks, PyJobResult};
@@ -34,21 +33,14 @@ pub(crate) fn describe(out: &Out, ok: bool) -> Outcome {
         // `Select`: the picked fields as JSON, natively (a missing field is null).
         Out::Picked(job, leaves) => selected_done(&leaves_json(leaves, &job.payload)),
         Out::Selected(selected) => {
-            let value = match (&selected.picks, &selected.data) {
+            let value = match (&selected.picks, selected.tree()) {
                 (Picks::Leaves(leaves), _) => leaves_json(leaves, &selected.job.payload),
-                (
-                    Picks::Tree {
-                        own: Some(doc),
-                        picks,
-                    },
-                    _,
-                )
-                | (Picks::Tree { own: None, picks }, Some(Data::Json(doc))) => {
+                (_, Some((doc, picks))) => {
                     let pick =
                         |p: &Option<usize>| p.map_or(serde_json::Value::Null, |i| doc.value_at(i));
                     one_or_array(picks, pick)
                 }
-                (Picks::Tree { .. }, _) => return Outcome::Done { value: None },
+                (_, None) => return Outcome::Done { value: None },
             };
             selected_done(&value)
         }
