@@ -52,6 +52,16 @@ pub trait Processor: Send + Sync + 'static {
 
     /// The result for a job whose processing panicked; the worker goes on.
     fn panicked(&self, job: Job, error: Error) -> Self::Output;
+
+    /// For a processor with nothing to do under `mode` (the job itself is the result, as the
+    /// payloads of `decode="bytes"` without a handler), what turns a job into its result; None
+    /// (the default) when jobs need processing. A stream of one worker then starts none: its
+    /// consumer takes jobs from the queue and makes their results itself, which saves a thread
+    /// and a hand-over per batch (see [`crate::stream::Stream::start`]).
+    fn passthrough(&self, mode: DecodeMode) -> Option<fn(Job) -> Self::Output> {
+        let _ = mode;
+        None
+    }
 }
 
 /// Most jobs a worker takes at once (when that many wait for each worker): a flood costs one

@@ -828,6 +828,15 @@ impl Processor for PyProcessor {
     fn panicked(&self, job: Job, error: Error) -> Out {
         Out::Panicked(job, error)
     }
+
+    fn passthrough(&self, mode: DecodeMode) -> Option<fn(Job) -> Out> {
+        // Bytes without a handler: the value is the payload (what `process` makes of it, with
+        // nothing to decode). Not with replies, which `process` sends.
+        match (&self.mode, mode, &self.replies) {
+            (Mode::Decode, DecodeMode::Bytes, None) => Some(Out::Payload),
+            _ => None,
+        }
+    }
 }
 
 fn selected(job: Job, data: Data, picks: Picks) -> Out {

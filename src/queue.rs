@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -90,6 +91,17 @@ pub struct Popped {
     pub slot: u64,
     /// With per-key order, the key to release with [`JobQueue::done`] once the result is out.
     pub key: Option<Key>,
+}
+
+/// What [`JobQueue::pop_within`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Took {
+    /// One or more jobs.
+    Jobs,
+    /// None within the wait; the queue is still open.
+    Nothing,
+    /// The queue is closed and empty: no job will come.
+    Closed,
 }
 
 /// What [`JobQueue::try_push`] did.
@@ -275,7 +287,7 @@ impl JobQueue {
         let mut st = self.lock();
         loop {
             let share = st.len.div_ceil(self.consumers).clamp(1, max.max(1));
-            self.take_up_to(&mut st, share, out);
+            self.take_up_to(&mut st, share, usize::MAX, out);
             if !out.is_empty() {
                 self.taken(st);
                 return true;
@@ -295,19 +307,56 @@ impl JobQueue {
     pub fn try_pop(&self) -> Option<Popped> {
         let mut st = self.lock();
         let mut one = Vec::with_capacity(1);
-        self.take_up_to(&mut st, 1, &mut one);
+        self.take_up_to(&mut st, 1, usize::MAX, &mut one);
         let popped = one.pop()?;
         self.taken(st);
         Some(popped)
     }
 
-    /// Moves up to `n` runnable jobs into `out`.
-    fn take_up_to(&self, st: &mut State, n: usize, out: &mut Vec<Popped>) {
-        while out.len() < n {
+    /// Takes up to `max` runnable jobs into `out` (at least one), stopping early once their
+    /// payloads hold `max_bytes`; waits up to `wait` for the first. For an owner that takes the
+    /// jobs itself, with no worker, and must be back within `wait` (to check for Ctrl-C).
+    pub fn pop_within(
+        &self,
+        max: usize,
+        max_bytes: usize,
+        wait: Duration,
+        out: &mut Vec<Popped>,
+    ) -> Took {
+        let deadline = Instant::now() + wait;
+        let mut st = self.lock();
+        loop {
+            self.take_up_to(&mut st, max.max(1), max_bytes, out);
+            if !out.is_empty() {
+                self.taken(st);
+                return Took::Jobs;
+            }
+            if st.closed && st.len == 0 {
+                return Took::Closed;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Took::Nothing;
+            }
+            st.idle += 1;
+            st = self
+                .ready
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            st.idle -= 1;
+        }
+    }
+
+    /// Moves up to `n` runnable jobs into `out`, fewer once their payloads hold `max_bytes`.
+    fn take_up_to(&self, st: &mut State, n: usize, max_bytes: usize, out: &mut Vec<Popped>) {
+        let mut bytes = 0usize;
+        while out.len() < n && bytes < max_bytes {
             let Some(entry) = st.runnable.pop_front() else {
                 break;
             };
             if let Some(popped) = self.take(st, entry) {
+                bytes = bytes.saturating_add(popped.job.payload.len());
                 out.push(popped);
             }
         }
@@ -467,6 +516,74 @@ mod tests {
         assert_eq!(q.try_pop().map(|p| p.job.id), Some(1));
         q.close();
         assert!(q.try_pop().is_none());
+    }
+
+    #[test]
+    fn pop_within_stops_at_the_byte_budget_waits_at_most_its_time_and_sees_the_end() {
+        let q = JobQueue::new(8, Overflow::Block, Order::Completion);
+        let mut out = Vec::new();
+        let started = Instant::now();
+        assert_eq!(
+            q.pop_within(4, usize::MAX, Duration::from_millis(30), &mut out),
+            Took::Nothing
+        );
+        assert!(started.elapsed() >= Duration::from_millis(30));
+        for id in 0..6 {
+            let mut j = job(id);
+            j.payload = Bytes::from(vec![b'x'; 100]);
+            assert!(matches!(q.try_push(j, None), Push::Done { dropped: 0 }));
+        }
+        // 250 bytes: the third job (300 in all) is the last one taken.
+        assert_eq!(q.pop_within(8, 250, Duration::ZERO, &mut out), Took::Jobs);
+        assert_eq!(out.iter().map(|p| p.job.id).collect::<Vec<_>>(), [0, 1, 2]);
+        out.clear();
+        // A budget below one job still takes one.
+        assert_eq!(q.pop_within(8, 1, Duration::ZERO, &mut out), Took::Jobs);
+        assert_eq!(out.len(), 1);
+        out.clear();
+        assert_eq!(
+            q.pop_within(1, usize::MAX, Duration::ZERO, &mut out),
+            Took::Jobs
+        );
+        assert_eq!(out[0].job.id, 4);
+        out.clear();
+        assert_eq!(
+            q.pop_within(8, usize::MAX, Duration::ZERO, &mut out),
+            Took::Jobs
+        );
+        assert_eq!(out[0].job.id, 5);
+        out.clear();
+        // Closed while the owner waits: it is told at once, not after its wait.
+        let started = Instant::now();
+        let took = std::thread::scope(|s| {
+            let taker = s.spawn(|| {
+                let mut got = Vec::new();
+                q.pop_within(8, usize::MAX, Duration::from_secs(10), &mut got)
+            });
+            std::thread::sleep(Duration::from_millis(20));
+            q.close();
+            taker.join().expect("no panic")
+        });
+        assert_eq!(took, Took::Closed);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn pop_within_is_woken_by_a_push() {
+        let q = JobQueue::new(8, Overflow::Block, Order::Completion);
+        let started = Instant::now();
+        let got = std::thread::scope(|s| {
+            let taker = s.spawn(|| {
+                let mut got = Vec::new();
+                let took = q.pop_within(8, usize::MAX, Duration::from_secs(10), &mut got);
+                (took, got.iter().map(|p| p.job.id).collect::<Vec<_>>())
+            });
+            std::thread::sleep(Duration::from_millis(20));
+            push_all(&q, [(7, None)]);
+            taker.join().expect("no panic")
+        });
+        assert_eq!(got, (Took::Jobs, vec![7]));
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

@@ -136,6 +136,12 @@ impl Shared {
         }
     }
 
+    /// `n` jobs made into results with nothing to run (no worker, see
+    /// [`crate::pool::Processor::passthrough`]): processed as they are handed out.
+    pub fn on_passed(&self, n: u64) {
+        self.processed.fetch_add(n, Relaxed);
+    }
+
     pub fn on_cancelled(&self) {
         self.cancelled.fetch_add(1, Relaxed);
     }

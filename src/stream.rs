@@ -1,7 +1,8 @@
-//! One stream: a read-loop thread running its own single-threaded tokio runtime, N workers, and
-//! the bounded queues between them. The owner (the Python layer, or a Rust caller) waits for the
-//! connection, pulls result batches, and closes, cancels or joins. Every wait here takes a
-//! timeout, so the Python layer can wait in slices and check for Ctrl-C in between.
+//! One stream: a read-loop thread running its own single-threaded tokio runtime, N workers (or
+//! none, when there is nothing to run: see [`Stream::start`]), and the bounded queues between
+//! them. The owner (the Python layer, or a Rust caller) waits for the connection, pulls result
+//! batches, and closes, cancels or joins. Every wait here takes a timeout, so the Python layer
+//! can wait in slices and check for Ctrl-C in between.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -10,10 +11,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::errors::Error;
-use crate::job::DecodeMode;
+use crate::job::{DecodeMode, Job};
 use crate::journal::{self, Describe, JournalSpec, Outcome};
 use crate::pool::{self, Pipes, Processor, Reorder};
-use crate::queue::{JobQueue, Order, Overflow};
+use crate::queue::{JobQueue, Order, Overflow, Took};
 use crate::state::{Shared, StatsSnapshot};
 use crate::ws::{self, Control, Ended, Heartbeat, Outgoing, Reader, TlsOptions};
 
@@ -250,6 +251,24 @@ impl Limit {
     }
 }
 
+/// Where [`Stream::next_batch`] takes results from.
+enum Feed<O> {
+    /// The workers' result queue.
+    Pool(flume::Receiver<Vec<O>>),
+    /// No workers (see [`Processor::passthrough`]): jobs straight from the job queue, each
+    /// made into its result by the function.
+    Direct(Arc<JobQueue>, fn(Job) -> O),
+}
+
+impl<O> Clone for Feed<O> {
+    fn clone(&self) -> Self {
+        match self {
+            Feed::Pool(rx) => Feed::Pool(rx.clone()),
+            Feed::Direct(queue, make) => Feed::Direct(queue.clone(), *make),
+        }
+    }
+}
+
 /// A running stream. Dropping it cancels it; its threads then end on their own.
 pub struct Stream<O> {
     shared: Arc<Shared>,
@@ -257,7 +276,7 @@ pub struct Stream<O> {
     connected: flume::Receiver<Result<(), Error>>,
     /// Set once the handshake has succeeded, so later waits keep saying so.
     was_connected: std::sync::atomic::AtomicBool,
-    results: Mutex<Option<flume::Receiver<Vec<O>>>>,
+    results: Mutex<Option<Feed<O>>>,
     /// The rest of a batch that `next_batch` could not hand out whole (`max`).
     leftover: Mutex<std::collections::VecDeque<O>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -277,7 +296,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl<O: Send + 'static> Stream<O> {
     /// Checks the configuration, then starts the workers and the read-loop thread, which
-    /// connects in the background: see [`Stream::wait_connected`].
+    /// connects in the background: see [`Stream::wait_connected`]. With one worker, no
+    /// journal and a processor that has nothing to run ([`Processor::passthrough`]), no worker
+    /// starts: [`Stream::next_batch`] takes the jobs from the queue itself.
     pub fn start<P: Processor<Output = O>>(config: Config, processor: P) -> Result<Self, Error> {
         Self::start_journaled(config, processor, Arc::new(|_: &O, ok| Outcome::plain(ok)))
     }
@@ -307,45 +328,27 @@ impl<O: Send + 'static> Stream<O> {
             JobQueue::new(config.queue_size, config.overflow, config.order)
                 .with_consumers(config.workers),
         );
-        // In batches (one per worker hand-over) of at most min(MAX_BATCH, queue_size) results:
-        // about queue_size results for cheap jobs, and room for each worker to hand one over.
-        // A processor that is not batchable hands results over one by one: queue_size of them.
-        let per_batch = if processor.batchable() {
-            pool::MAX_BATCH
-        } else {
-            1
+        // One worker with nothing to run: the consumer is that worker (no thread, no hand-over).
+        // Not with a journal, whose writer marks each job done as its worker finishes it.
+        let passthrough = match &journal_setup {
+            None if config.workers == 1 => processor.passthrough(config.decode),
+            _ => None,
         };
-        let result_batches = config
-            .queue_size
-            .div_ceil(per_batch)
-            .max(config.workers)
-            .max(2);
-        let (results_tx, results_rx) = flume::bounded::<Vec<O>>(result_batches);
+        let (feed, mut threads) = match passthrough {
+            Some(make) => (Feed::Direct(queue.clone(), make), Vec::new()),
+            None => Self::spawn_pool(
+                &config,
+                processor,
+                describe,
+                journal_setup.as_ref(),
+                &queue,
+                &shared,
+            )?,
+        };
+        let direct = matches!(feed, Feed::Direct(..));
         let (control, control_rx) = watch::channel(Control::Run);
         let (connected_tx, connected) = flume::bounded(1);
 
-        let pipes = Pipes {
-            queue: queue.clone(),
-            results: results_tx,
-            reorder: (config.order == Order::Receipt)
-                .then(|| Arc::new(Reorder::new(config.queue_size))),
-        };
-        let mut threads = match &journal_setup {
-            None => pool::spawn(
-                config.workers,
-                Arc::new(processor),
-                config.decode,
-                pipes,
-                shared.clone(),
-            )?,
-            Some(setup) => pool::spawn(
-                config.workers,
-                Arc::new(setup.wrap(processor, describe)),
-                config.decode,
-                pipes,
-                shared.clone(),
-            )?,
-        };
         // With a journal, the read loop hands jobs to its writer, which releases them to the
         // queue once written and closes the queue after the last one.
         let mut journal_link = None;
@@ -398,9 +401,9 @@ impl<O: Send + 'static> Stream<O> {
                     let msg = crate::errors::panic_message(payload.as_ref());
                     shared.set_error(Error::Internal(format!("the I/O thread panicked: {msg}")));
                 }
-                // The owner gave up on stuck workers meanwhile: what the read loop queued since
-                // will never run.
-                if shared.gave_up() {
+                // The owner gave up on stuck workers meanwhile, or (with no workers) cancelled:
+                // what the read loop queued since will never run.
+                if shared.gave_up() || (direct && shared.is_cancelled()) {
                     shared.on_cancelled_n(queue.discard_all());
                 }
                 // The end (and its error) is recorded: the workers may finish the queue.
@@ -422,7 +425,7 @@ impl<O: Send + 'static> Stream<O> {
             control,
             connected,
             was_connected: std::sync::atomic::AtomicBool::new(false),
-            results: Mutex::new(Some(results_rx)),
+            results: Mutex::new(Some(feed)),
             leftover: Mutex::new(std::collections::VecDeque::new()),
             threads: Mutex::new(threads),
             queue: stream_queue,
@@ -431,6 +434,54 @@ impl<O: Send + 'static> Stream<O> {
             replies,
             journal: journal_link,
         })
+    }
+
+    /// Starts the workers, and the result queue they hand results to.
+    fn spawn_pool<P: Processor<Output = O>>(
+        config: &Config,
+        processor: P,
+        describe: Describe<O>,
+        journal: Option<&journal::Setup>,
+        queue: &Arc<JobQueue>,
+        shared: &Arc<Shared>,
+    ) -> Result<(Feed<O>, Vec<JoinHandle<()>>), Error> {
+        // In batches (one per worker hand-over) of at most min(MAX_BATCH, queue_size) results:
+        // about queue_size results for cheap jobs, and room for each worker to hand one over.
+        // A processor that is not batchable hands results over one by one: queue_size of them.
+        let per_batch = if processor.batchable() {
+            pool::MAX_BATCH
+        } else {
+            1
+        };
+        let result_batches = config
+            .queue_size
+            .div_ceil(per_batch)
+            .max(config.workers)
+            .max(2);
+        let (results_tx, results_rx) = flume::bounded::<Vec<O>>(result_batches);
+        let pipes = Pipes {
+            queue: queue.clone(),
+            results: results_tx,
+            reorder: (config.order == Order::Receipt)
+                .then(|| Arc::new(Reorder::new(config.queue_size))),
+        };
+        let threads = match journal {
+            None => pool::spawn(
+                config.workers,
+                Arc::new(processor),
+                config.decode,
+                pipes,
+                shared.clone(),
+            )?,
+            Some(setup) => pool::spawn(
+                config.workers,
+                Arc::new(setup.wrap(processor, describe)),
+                config.decode,
+                pipes,
+                shared.clone(),
+            )?,
+        };
+        Ok((Feed::Pool(results_rx), threads))
     }
 
     /// Waits up to `wait` for the handshake. `None`: still connecting. `Some(Ok)`: connected
@@ -483,9 +534,16 @@ impl<O: Send + 'static> Stream<O> {
             return Batch::End(Some(self.forked_error()));
         }
         let mut leftover = lock(&self.leftover);
-        let Some(rx) = lock(&self.results).clone() else {
-            leftover.clear();
-            return self.end();
+        let rx = match lock(&self.results).clone() {
+            None => {
+                leftover.clear();
+                return self.end();
+            }
+            Some(Feed::Pool(rx)) => rx,
+            Some(Feed::Direct(queue, make)) => {
+                drop(leftover);
+                return self.take_direct(&queue, make, max, max_bytes, wait);
+            }
         };
         if self.shared.is_fatal() && !self.shared.is_cancelled() {
             // A worker died (a bug, recorded as the stream's error): end the stream rather
@@ -528,6 +586,38 @@ impl<O: Send + 'static> Stream<O> {
         Batch::Items(items)
     }
 
+    /// `next_batch_within` with no workers: takes the jobs from the queue and makes their
+    /// results here. Jobs are sized by their payloads.
+    fn take_direct(
+        &self,
+        queue: &JobQueue,
+        make: fn(Job) -> O,
+        max: usize,
+        max_bytes: usize,
+        wait: Duration,
+    ) -> Batch<O> {
+        let mut popped = Vec::with_capacity(max.min(pool::MAX_BATCH * 4));
+        match queue.pop_within(max, max_bytes, wait, &mut popped) {
+            Took::Nothing => return Batch::Pending,
+            Took::Closed => return self.end(),
+            Took::Jobs => {}
+        }
+        self.shared.on_passed(popped.len() as u64);
+        let mut keys = Vec::new();
+        let items = popped
+            .into_iter()
+            .map(|p| {
+                keys.extend(p.key);
+                make(p.job)
+            })
+            .collect();
+        // Their results are out (per-key order: the next job of each key may go).
+        for key in keys {
+            queue.done(key);
+        }
+        Batch::Items(items)
+    }
+
     fn end(&self) -> Batch<O> {
         if self.shared.is_fatal() {
             // The job a dead worker was running will never finish.
@@ -560,7 +650,7 @@ impl<O: Send + 'static> Stream<O> {
         }
         self.shared.set_cancelled();
         self.control.send_replace(Control::Cancel);
-        lock(&self.results).take();
+        self.drop_feed();
         lock(&self.leftover).clear();
         self.shared.mark_ended();
     }
@@ -584,7 +674,7 @@ impl<O: Send + 'static> Stream<O> {
         self.control.send_replace(Control::Cancel);
         let abandoned = self.shared.abandon();
         self.shared.on_cancelled_n(self.queue.discard_all());
-        lock(&self.results).take();
+        self.drop_feed();
         self.shared.mark_ended();
         abandoned
     }
@@ -664,6 +754,16 @@ pub fn on_stream_thread() -> bool {
         .is_some_and(|n| n.starts_with(THREAD_PREFIX))
 }
 
+impl<O> Stream<O> {
+    /// No more results will be taken. With no workers, the jobs still queued are counted as
+    /// cancelled here (the ones the read loop queues after, as it ends), as workers would.
+    fn drop_feed(&self) {
+        if let Some(Feed::Direct(queue, _)) = lock(&self.results).take() {
+            self.shared.on_cancelled_n(queue.discard_all());
+        }
+    }
+}
+
 impl<O> Drop for Stream<O> {
     fn drop(&mut self) {
         if std::process::id() != self.pid {
@@ -673,6 +773,7 @@ impl<O> Drop for Stream<O> {
         }
         self.shared.set_cancelled();
         self.control.send_replace(Control::Cancel);
+        self.drop_feed();
     }
 }
 
@@ -873,7 +974,7 @@ async fn wait_while_running(control: &mut watch::Receiver<Control>) {
 #[cfg(feature = "test-panic")]
 mod test_panic {
     use crate::errors::Error;
-    use crate::job::{Data, DecodeError, Job};
+    use crate::job::{Data, DecodeError, DecodeMode, Job};
     use crate::pool::Processor;
 
     const WORKER: &[u8] = b"wspool_test_panic=worker";
@@ -933,6 +1034,10 @@ mod test_panic {
                 panic!("test-panic: a worker dies on purpose");
             }
             self.0.panicked(job, error)
+        }
+
+        fn passthrough(&self, mode: DecodeMode) -> Option<fn(Job) -> P::Output> {
+            self.0.passthrough(mode)
         }
     }
 }

@@ -697,3 +697,191 @@ fn a_batch_stops_at_its_byte_budget_and_nothing_is_lost() {
     joined(&stream);
     assert_eq!(server.finish(), Some(1000));
 }
+
+/// A processor with nothing to run on bytes (as `decode="bytes"` without a handler): the job is
+/// the result. With one worker the stream starts none; `process` counts its calls so that the
+/// tests see it is never called.
+#[derive(Clone, Default)]
+struct Passthrough {
+    processed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl wspool::Processor for Passthrough {
+    type Output = wspool::Job;
+
+    fn process(
+        &self,
+        job: wspool::Job,
+        _: Result<Data, wspool::DecodeError>,
+    ) -> (wspool::Job, bool) {
+        self.processed
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        (job, true)
+    }
+
+    fn panicked(&self, job: wspool::Job, _: Error) -> wspool::Job {
+        job
+    }
+
+    fn passthrough(&self, mode: DecodeMode) -> Option<fn(wspool::Job) -> wspool::Job> {
+        (mode == DecodeMode::Bytes).then_some(|job| job)
+    }
+}
+
+fn binary_stream(n: u64, size: usize) -> Server<Option<u16>> {
+    serve_ws(move |mut ws| async move {
+        for seq in 0..n {
+            let mut payload = vec![b'x'; size];
+            payload[..8].copy_from_slice(&seq.to_le_bytes());
+            ws.feed(Message::binary(payload)).await.expect("send");
+        }
+        ws.flush().await.expect("flush");
+        close_with(&mut ws, 1000, "bye").await
+    })
+}
+
+fn seq_of(job: &wspool::Job) -> u64 {
+    u64::from_le_bytes(job.payload[..8].try_into().expect("8 bytes"))
+}
+
+#[test]
+fn with_nothing_to_run_the_consumer_takes_jobs_straight_from_the_queue() {
+    const N: u64 = 3000;
+    const SIZE: usize = 1000;
+    let server = binary_stream(N, SIZE);
+    let processor = Passthrough::default();
+    let stream = Stream::start(
+        config(&server.url(), DecodeMode::Bytes, 1, 64),
+        processor.clone(),
+    )
+    .expect("start");
+    connected(&stream);
+    // Only the read loop runs: no worker thread.
+    assert_eq!(stream.stats().threads, 1);
+    let mut jobs = Vec::new();
+    let mut biggest = 0;
+    let end = loop {
+        match stream.next_batch_within(
+            1000,
+            8 * SIZE,
+            |j: &wspool::Job| j.payload.len(),
+            Duration::from_secs(5),
+        ) {
+            Batch::Items(items) => {
+                biggest = biggest.max(items.len());
+                jobs.extend(items);
+            }
+            Batch::Pending => panic!("no job within 5 s: {:?}", stream.stats()),
+            Batch::End(e) => break e,
+        }
+    };
+    assert_eq!(end, None);
+    // Receipt order, every payload whole, and no batch past its byte budget.
+    assert!(jobs.iter().map(|j| j.id).eq(0..N));
+    assert!(jobs.iter().map(seq_of).eq(0..N));
+    assert!(jobs.iter().all(|j| j.payload.len() == SIZE));
+    assert!(biggest <= 8, "a batch of {biggest} jobs of {SIZE} B");
+    assert_eq!(
+        processor
+            .processed
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    let s = stream.stats();
+    assert_eq!((s.received, s.processed, s.in_flight), (N, N, 0));
+    joined(&stream);
+    assert_eq!(server.finish(), Some(1000));
+}
+
+#[test]
+fn with_nothing_to_run_a_slow_consumer_stops_the_reading_and_cancel_counts_the_queue() {
+    const QUEUE: usize = 8;
+    let server = serve_ws(|ws| stream_until_closed(ws, 50, Duration::from_millis(1)));
+    let stream = Stream::start(
+        config(&server.url(), DecodeMode::Bytes, 1, QUEUE),
+        Passthrough::default(),
+    )
+    .expect("start");
+    connected(&stream);
+    let mut taken = 0;
+    while taken < 20 {
+        if let Batch::Items(items) = stream.next_batch(5, Duration::from_secs(5)) {
+            assert!(items.len() <= 5);
+            taken += items.len() as u64;
+        }
+    }
+    // Pull nothing for 200 ms: the job queue fills and reading stops. Read by then, at most:
+    // what was taken, the queue (one more at a stop) and the read loop's run.
+    let bound = taken + (QUEUE * 2 + 1) as u64;
+    let pause = Instant::now();
+    let mut samples = Vec::new();
+    while pause.elapsed() < Duration::from_millis(200) {
+        std::thread::sleep(Duration::from_millis(20));
+        samples.push(stream.stats().received);
+    }
+    let most = samples.iter().copied().max().unwrap_or(0);
+    assert!(
+        most <= bound,
+        "read {most} > {bound} while paused: {samples:?}"
+    );
+    let tail = &samples[samples.len() - 3..];
+    assert!(tail.iter().all(|&r| r == tail[0]), "{samples:?}");
+    stream.cancel();
+    joined(&stream);
+    let s = stream.stats();
+    assert_eq!(s.processed, taken, "{s:?}");
+    assert!(s.cancelled > 0, "{s:?}");
+    assert_eq!(
+        (s.received, s.in_flight),
+        (s.processed + s.cancelled, 0),
+        "{s:?}"
+    );
+    assert!(matches!(
+        stream.next_batch(10, Duration::from_millis(10)),
+        Batch::End(None)
+    ));
+    server.finish();
+}
+
+#[test]
+fn dropping_a_stream_with_nothing_to_run_counts_what_it_never_took() {
+    let server = binary_stream(100, 10);
+    let stream = Stream::start(
+        config(&server.url(), DecodeMode::Bytes, 1, 256),
+        Passthrough::default(),
+    )
+    .expect("start");
+    connected(&stream);
+    // The whole stream is read and the read loop ends; nothing is taken.
+    assert!(stream.join(Duration::from_secs(5)));
+    let s = stream.stats();
+    assert_eq!((s.received, s.processed, s.in_flight), (100, 0, 100));
+    stream.cancel();
+    let s = stream.stats();
+    assert_eq!((s.cancelled, s.in_flight), (100, 0), "{s:?}");
+    server.finish();
+}
+
+#[test]
+fn with_nothing_to_run_but_several_workers_or_text_the_pool_runs() {
+    for (decode, workers) in [(DecodeMode::Bytes, 2), (DecodeMode::Text, 1)] {
+        let server = binary_stream(50, 10);
+        let processor = Passthrough::default();
+        let stream = Stream::start(
+            config(&server.url(), decode, workers, 16),
+            processor.clone(),
+        )
+        .expect("start");
+        let (jobs, end) = collect(&stream, Duration::from_secs(5));
+        assert_eq!((jobs.len(), end), (50, None));
+        assert_eq!(
+            processor
+                .processed
+                .load(std::sync::atomic::Ordering::SeqCst),
+            50,
+            "{decode:?} x {workers}"
+        );
+        joined(&stream);
+        server.finish();
+    }
+}

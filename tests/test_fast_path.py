@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
 
 import pytest
 
@@ -214,6 +216,61 @@ def test_values_are_the_payloads_in_receipt_order(mock_server):
     assert [json.loads(v)["seq"] for v in values] == list(range(n))
     assert all(isinstance(v, bytes) for v in values)
     assert stream.stats.processed == n
+
+
+def _native_thread_names() -> list[str]:
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except FileNotFoundError:  # the thread ended meanwhile
+            pass
+    return [n for n in names if n.startswith("wspool-")]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
+def test_bytes_without_a_handler_run_on_the_consumer_with_no_worker_thread(mock_server):
+    n = 3000
+    server = mock_server(count=n, rate=20_000)
+    with wspool.consume(server.url, decode="bytes") as stream:
+        first = next(stream)
+        # The one worker is the consuming thread: only the read loop runs natively.
+        assert _native_thread_names() == ["wspool-io"]
+        assert stream.stats.workers == 1 and stream.stats.threads == 1
+        rest = list(stream)
+    results = [first, *rest]
+    assert [r.id for r in results] == list(range(n))
+    assert all(r.ok and isinstance(r.value, bytes) for r in results)
+    assert [json.loads(r.value)["seq"] for r in results] == list(range(n))
+    stats = stream.stats
+    assert (stats.processed, stats.in_flight, stats.threads) == (n, 0, 0)
+    # With a handler, or several workers asked for, the workers run.
+    with wspool.consume(mock_server(count=10).url, decode="bytes", workers=2) as stream:
+        assert len(list(stream)) == 10
+        assert stream.stats.processed == 10
+
+
+def test_bytes_without_a_handler_async_and_cancel_account_for_every_message(mock_server):
+    n = 2000
+    server = mock_server(count=n)
+
+    async def main() -> list[bytes]:
+        async with wspool.consume(server.url, decode="bytes") as stream:
+            return [r.value async for r in stream]
+
+    values = asyncio.run(main())
+    assert [json.loads(v)["seq"] for v in values] == list(range(n))
+    # Cancelled with jobs queued (a small queue, a server far ahead): each is counted once.
+    stream = wspool.consume(mock_server(count=100_000).url, decode="bytes", queue_size=16)
+    taken = [next(stream) for _ in range(5)]
+    time.sleep(0.1)
+    stream.cancel()
+    stats = stream.stats
+    assert [r.id for r in taken] == list(range(5))
+    assert stats.cancelled > 0 and stats.in_flight == 0 and stats.threads == 0
+    assert stats.received == stats.processed + stats.cancelled
+    assert list(stream) == []
 
 
 def test_value_batches_hold_handler_values_and_json(mock_server):

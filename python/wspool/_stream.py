@@ -947,7 +947,9 @@ def consume(
             thread, at most ``workers`` at once. ``None``: the value is the decoded payload.
         workers: size of the pool; default ``os.cpu_count()``, except for a stream with no
             handler and ``decode="bytes"`` or ``"text"``, which has nothing for several workers
-            to share: one, so its results also come in receipt order.
+            to share: one, so its results also come in receipt order. For bytes that one is
+            the consuming thread: no worker thread starts, the payloads come straight from the
+            job queue.
         decode: ``"bytes"``, ``"text"`` (default) or ``"json"``; done on the workers without the
             GIL. A payload that does not decode gives a result whose error is a DecodeError.
         subscribe: a str, bytes, dict (sent as JSON) or a list of them, sent in order right
