@@ -1,5 +1,7 @@
 //! Throughput of the native path alone: socket -> read loop -> job queue -> workers (decode and
-//! a trivial processor) -> result queue -> `next_batch(1024, ..)`.
+//! a trivial processor) -> result queue -> `next_batch(1024, ..)`; for bytes also with no
+//! worker (socket -> read loop -> job queue -> `next_batch`), the path of `decode="bytes"`
+//! without a handler.
 //!
 //! A local server, started once outside the timed part, answers each connection with the same
 //! pre-encoded frames: N unmasked text frames of ~120-byte JSON messages, then a close frame,
@@ -119,13 +121,39 @@ impl Processor for Seq {
     }
 }
 
+/// [`Seq`] for bytes, declared to have nothing to run ([`Processor::passthrough`]): with one
+/// worker the stream starts none and `next_batch` takes the jobs from the queue itself, as
+/// wspool's Python layer does for `decode="bytes"` without a handler.
+struct Direct;
+
+impl Processor for Direct {
+    type Output = u64;
+
+    fn process(&self, job: Job, decoded: Result<Data, DecodeError>) -> (u64, bool) {
+        Seq.process(job, decoded)
+    }
+
+    fn panicked(&self, _job: Job, _error: Error) -> u64 {
+        u64::MAX
+    }
+
+    fn passthrough(&self, mode: DecodeMode) -> Option<fn(Job) -> u64> {
+        (mode == DecodeMode::Bytes).then_some(|job| job.id)
+    }
+}
+
 /// One stream from start to end; returns how long it took and checks every result.
-fn run(url: &str, decode: DecodeMode, workers: usize) -> Duration {
+fn run(url: &str, decode: DecodeMode, workers: usize, direct: bool) -> Duration {
     let mut config = Config::new(url);
     config.decode = decode;
     config.workers = workers;
     let started = Instant::now();
-    let stream = Stream::start(config, Seq).expect("start");
+    let stream = if direct {
+        Stream::start(config, Direct)
+    } else {
+        Stream::start(config, Seq)
+    }
+    .expect("start");
     let (mut count, mut sum) = (0u64, 0u64);
     loop {
         match stream.next_batch(1024, Duration::from_secs(1)) {
@@ -161,36 +189,45 @@ fn pipeline(c: &mut Criterion) {
             .sampling_mode(SamplingMode::Flat)
             .warm_up_time(Duration::from_secs(1))
             .measurement_time(Duration::from_secs(3));
-        for workers in [1usize, 2] {
+        // Bytes also without a worker: the consumer takes the jobs itself.
+        for (workers, direct) in [(1usize, false), (2, false), (1, true)] {
+            if direct && decode != DecodeMode::Bytes {
+                continue;
+            }
+            let id = if direct {
+                BenchmarkId::new("no worker", 0)
+            } else {
+                BenchmarkId::new("workers", workers)
+            };
             // Every timed run, warm-up included, for the messages/s summary below.
             let tally = Mutex::new((0u64, Duration::ZERO));
-            group.bench_with_input(
-                BenchmarkId::new("workers", workers),
-                &workers,
-                |b, &workers| {
-                    b.iter_custom(|iters| {
-                        let mut total = Duration::ZERO;
-                        for _ in 0..iters {
-                            total += run(&url, decode, workers);
-                        }
-                        let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
-                        t.0 += iters * N;
-                        t.1 += total;
-                        total
-                    })
-                },
-            );
+            group.bench_with_input(id, &workers, |b, &workers| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        total += run(&url, decode, workers, direct);
+                    }
+                    let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
+                    t.0 += iters * N;
+                    t.1 += total;
+                    total
+                })
+            });
             let (messages, time) = *tally.lock().unwrap_or_else(|e| e.into_inner());
-            summary.push((name, workers, messages as f64 / time.as_secs_f64()));
+            summary.push((name, workers, direct, messages as f64 / time.as_secs_f64()));
         }
         group.finish();
     }
     println!("\nmessages/s (mean over every timed run, {N} messages of {MESSAGE_SIZE} B each):");
-    for (name, workers, rate) in summary {
-        println!(
-            "  {name:>5}, {workers} worker(s): {rate:>12.0} msg/s total, {:>12.0} msg/s per worker",
-            rate / workers as f64
-        );
+    for (name, workers, direct, rate) in summary {
+        if direct {
+            println!("  {name:>5}, no worker:   {rate:>12.0} msg/s total");
+        } else {
+            println!(
+                "  {name:>5}, {workers} worker(s): {rate:>12.0} msg/s total, {:>12.0} msg/s per worker",
+                rate / workers as f64
+            );
+        }
     }
 }
 
