@@ -3,7 +3,7 @@
 //! Ctrl-C interrupts it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, TryLockError};
 use std::time::Duration;
 
 use pyo3::exceptions::PyValueError;
@@ -101,8 +101,42 @@ const KEY_CACHE_ENTRIES: usize = 4096;
 const KEY_CACHE_KEY_BYTES: usize = 64;
 
 impl KeyCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, KeyMap> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The cache, or an empty stand-in when another thread holds it. Never waits: the holder
+    /// may itself be waiting for the GIL this thread holds (building Python objects can run a
+    /// garbage collection, and through it Python code, which lets the GIL go), and waiting
+    /// here would then deadlock both. The stand-in only costs the keys of this one conversion
+    /// their cache.
+    fn borrow(&self) -> Keys<'_> {
+        match self.0.try_lock() {
+            Ok(map) => Keys::Shared(map),
+            Err(TryLockError::Poisoned(p)) => Keys::Shared(p.into_inner()),
+            Err(TryLockError::WouldBlock) => Keys::Own(KeyMap::default()),
+        }
+    }
+}
+
+/// What [`KeyCache::borrow`] gives.
+enum Keys<'a> {
+    Shared(std::sync::MutexGuard<'a, KeyMap>),
+    Own(KeyMap),
+}
+
+impl std::ops::Deref for Keys<'_> {
+    type Target = KeyMap;
+    fn deref(&self) -> &KeyMap {
+        match self {
+            Keys::Shared(map) => map,
+            Keys::Own(map) => map,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Keys<'_> {
+    fn deref_mut(&mut self) -> &mut KeyMap {
+        match self {
+            Keys::Shared(map) => map,
+            Keys::Own(map) => map,
+        }
     }
 }
 
@@ -161,7 +195,7 @@ fn json_node<'py>(
 }
 
 fn json_to_py<'py>(py: Python<'py>, doc: &Json, keys: &KeyCache) -> PyResult<Bound<'py, PyAny>> {
-    json_node(py, doc, &mut 0, &mut keys.lock())
+    json_node(py, doc, &mut 0, &mut keys.borrow())
 }
 
 fn data_to_py(py: Python<'_>, data: &Data, keys: &KeyCache) -> PyResult<Py<PyAny>> {
@@ -905,7 +939,7 @@ fn picked(
     picks: &[Option<usize>],
     keys: &KeyCache,
 ) -> PyResult<Py<PyAny>> {
-    let mut keys = keys.lock();
+    let mut keys = keys.borrow();
     let one = |pick: &Option<usize>| match *pick {
         Some(mut at) => json_node(py, doc, &mut at, &mut keys),
         None => Ok(py.None().into_bound(py)),

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -271,6 +273,55 @@ def test_bytes_without_a_handler_async_and_cancel_account_for_every_message(mock
     assert stats.cancelled > 0 and stats.in_flight == 0 and stats.threads == 0
     assert stats.received == stats.processed + stats.cancelled
     assert list(stream) == []
+
+
+# Run in a child process: a deadlock holds the GIL, so no timeout inside this process could
+# fire; the child is killed instead.
+GC_DURING_DECODE = """
+import gc, json, sys, weakref, wspool
+url, workers = sys.argv[1], int(sys.argv[2])
+kept = []  # weak references that outlive their objects, so their callbacks run in collections
+
+
+class Node:
+    pass
+
+
+def churn():
+    a, b = Node(), Node()
+    a.b, b.a = b, a  # a cycle, freed only by the garbage collector
+    kept.append(weakref.ref(b, lambda _: sum(range(20))))  # Python code inside a collection
+    del kept[:-100]
+
+
+def handler(job):
+    churn()
+    return sum(len(item) for item in job.data["items"])  # dicts built while collections run
+
+
+sys.setswitchinterval(1e-6)  # let the GIL go at the first chance
+gc.set_threshold(20)
+with wspool.consume(url, handler, decode="json", workers=workers) as stream:
+    total = sum(r.value for r in stream)
+print(json.dumps({"total": total, "processed": stream.stats.processed}), flush=True)
+"""
+
+
+def test_objects_built_on_several_threads_while_collections_run_python_code(mock_server):
+    # Regression: a worker that held the JSON key cache while building a dict could, in a
+    # garbage collection that ran Python code, let the GIL go to a second worker, which then
+    # waited for the cache with the GIL held: both waited for good.
+    n = 3000
+    doc = {"items": [{"a": i, "b": [i, {"c": i}], "d": str(i)} for i in range(8)]}
+    server = mock_server(messages=[json.dumps(doc)] * n)
+    proc = subprocess.run(
+        [sys.executable, "-c", GC_DURING_DECODE, server.url, "4"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"total": n * 8 * 3, "processed": n}
 
 
 def test_value_batches_hold_handler_values_and_json(mock_server):
