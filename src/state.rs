@@ -17,7 +17,8 @@ const GAVE_UP: u64 = 1 << 63;
 /// Counters and lifecycle flags of one stream.
 #[derive(Debug)]
 pub struct Shared {
-    received: AtomicU64,
+    /// Counted by the read loop alone, on every run of messages.
+    intake: Intake,
     processed: AtomicU64,
     failed: AtomicU64,
     cancelled: AtomicU64,
@@ -32,12 +33,20 @@ pub struct Shared {
     /// A native thread died of a panic that nothing else caught.
     fatal: AtomicBool,
     reconnects: AtomicU64,
-    bytes: AtomicU64,
     threads: AtomicUsize,
     cancel: AtomicBool,
     started: Instant,
     ended: Mutex<Option<Instant>>,
     outcome: Mutex<Option<Error>>,
+}
+
+/// The read loop's counters, on a cache line of their own: beside the counters the workers
+/// update for every job, each update by one side took the line away from the other's core.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Intake {
+    received: AtomicU64,
+    bytes: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -86,7 +95,7 @@ impl Default for Shared {
 impl Shared {
     pub fn new() -> Self {
         Shared {
-            received: AtomicU64::new(0),
+            intake: Intake::default(),
             processed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
@@ -96,7 +105,6 @@ impl Shared {
             going_away: AtomicBool::new(false),
             fatal: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
             threads: AtomicUsize::new(0),
             cancel: AtomicBool::new(false),
             started: Instant::now(),
@@ -106,8 +114,15 @@ impl Shared {
     }
 
     pub fn on_received(&self, bytes: usize) {
-        self.received.fetch_add(1, Relaxed);
-        self.bytes.fetch_add(bytes as u64, Relaxed);
+        self.on_received_n(1, bytes);
+    }
+
+    /// `n` messages of `bytes` in all; nothing to count when `n` is 0.
+    pub fn on_received_n(&self, n: u64, bytes: usize) {
+        if n > 0 {
+            self.intake.received.fetch_add(n, Relaxed);
+            self.intake.bytes.fetch_add(bytes as u64, Relaxed);
+        }
     }
 
     /// A worker starts processing a job (decode and handler); [`Shared::on_finished`] follows.
@@ -136,8 +151,36 @@ impl Shared {
         }
     }
 
-    /// `n` jobs made into results with nothing to run (no worker, see
-    /// [`crate::pool::Processor::passthrough`]): processed as they are handed out.
+    /// A batch of `n` jobs starts (counted as running together, one update for the batch);
+    /// [`Shared::on_batch_done`] follows. Started after the owner gave up: abandoned.
+    pub fn on_batch_started(&self, n: u64) {
+        if n > 0 && self.running.fetch_add(n, SeqCst) & GAVE_UP != 0 {
+            self.abandoned.fetch_add(n, Relaxed);
+        }
+    }
+
+    /// How the `n` jobs of a batch (after [`Shared::on_batch_started`]) ended: `ok` values,
+    /// `failed` errors, `cancelled` not run, `lost` run but their results lost (a worker that
+    /// died of a bug). Not counted again when the owner gave up meanwhile (they were counted
+    /// as abandoned then).
+    pub fn on_batch_done(&self, n: u64, ok: u64, failed: u64, cancelled: u64, lost: u64) {
+        if n == 0 || self.running.fetch_sub(n, SeqCst) & GAVE_UP != 0 {
+            return;
+        }
+        for (counter, k) in [
+            (&self.processed, ok),
+            (&self.failed, failed),
+            (&self.cancelled, cancelled),
+            (&self.abandoned, lost),
+        ] {
+            if k > 0 {
+                counter.fetch_add(k, Relaxed);
+            }
+        }
+    }
+
+    /// `n` jobs that needed nothing run (see `pool::Processor::passthrough`): processed as
+    /// they are handed out.
     pub fn on_passed(&self, n: u64) {
         self.processed.fetch_add(n, Relaxed);
     }
@@ -223,7 +266,7 @@ impl Shared {
         let cancelled = self.cancelled.load(Relaxed);
         let dropped = self.dropped.load(Relaxed);
         let abandoned = self.abandoned.load(Relaxed);
-        let received = self.received.load(Relaxed);
+        let received = self.intake.received.load(Relaxed);
         let end = lock(&self.ended).unwrap_or_else(Instant::now);
         StatsSnapshot {
             received,
@@ -235,7 +278,7 @@ impl Shared {
             reconnects: self.reconnects.load(Relaxed),
             in_flight: received
                 .saturating_sub(processed + failed + cancelled + dropped + abandoned),
-            bytes: self.bytes.load(Relaxed),
+            bytes: self.intake.bytes.load(Relaxed),
             threads: self.threads.load(Relaxed),
             elapsed: end.duration_since(self.started).as_secs_f64(),
             replies: 0,
@@ -303,6 +346,36 @@ mod tests {
         assert_eq!((snap.received, snap.processed, snap.failed), (5, 1, 1));
         assert_eq!((snap.cancelled, snap.dropped), (1, 1));
         assert_eq!((snap.in_flight, snap.bytes), (1, 50));
+    }
+
+    #[test]
+    fn a_batch_is_counted_once_whether_the_owner_gives_up_before_during_or_after_it() {
+        // Runs to its end: each outcome where it belongs.
+        let s = Shared::new();
+        s.on_received_n(10, 100);
+        s.on_batch_started(10);
+        assert_eq!(s.snapshot().in_flight, 10);
+        s.on_batch_done(10, 6, 2, 1, 1);
+        let snap = s.snapshot();
+        assert_eq!(
+            (snap.processed, snap.failed, snap.cancelled, snap.abandoned),
+            (6, 2, 1, 1)
+        );
+        assert_eq!((snap.in_flight, snap.bytes), (0, 100));
+        // The owner gives up while it runs: all of it is abandoned then, once.
+        let s = Shared::new();
+        s.on_received_n(4, 0);
+        s.on_batch_started(4);
+        assert_eq!(s.abandon(), 4);
+        s.on_batch_done(4, 4, 0, 0, 0);
+        let snap = s.snapshot();
+        assert_eq!((snap.processed, snap.abandoned, snap.in_flight), (0, 4, 0));
+        // Started after the owner gave up: abandoned at the start, not again at the end.
+        s.on_received_n(3, 0);
+        s.on_batch_started(3);
+        s.on_batch_done(3, 3, 0, 0, 0);
+        let snap = s.snapshot();
+        assert_eq!((snap.processed, snap.abandoned, snap.in_flight), (0, 7, 0));
     }
 
     #[test]

@@ -710,7 +710,6 @@ impl Reader {
                 }
                 Event::Pong => continue,
             };
-            self.shared.on_received(payload.len());
             let key = match &self.key {
                 Some(field) => extract_key(&payload, field),
                 None => None,
@@ -739,6 +738,10 @@ impl Reader {
         ws: &mut WsStream,
         batch: &mut Vec<(Job, Option<Key>)>,
     ) -> Result<(), Stop> {
+        // Counted per run, before any of it can be taken: one update of the shared counters
+        // rather than one per message.
+        let bytes = batch.iter().map(|(job, _)| job.payload.len()).sum();
+        self.shared.on_received_n(batch.len() as u64, bytes);
         if let Some(journal) = &self.journal {
             if batch.is_empty() {
                 return Ok(());
