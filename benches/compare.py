@@ -426,6 +426,10 @@ How to read this:
   (its pure-Python UTF-8 validation makes it slow: its N is capped, see the N column; its rate
   is steady, so the figure stays comparable). All asyncio clients run on the default asyncio
   loop (no uvloop).
+- The `ref` table's reference column holds the issue's figures for the same setup. aiohttp,
+  websockets and websocket-client land close to theirs; picows runs at two to three times its
+  0.77M (1.8-2.3M in our runs, picows 2.3.1). Its harness above is the plain one its docs
+  show, so every ratio against picows here is against a faster picows than the issue's.
 - wspool: `wspool.consume(url, handler, decode=...)` drained a list at a time. Without a
   handler (`ref`/`count`/`large` with `decode="bytes"`, `json`/`latency` with
   `decode="json"`) it takes plain values, `stream.batches(values=True)`, in receipt order: one
