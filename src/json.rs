@@ -41,6 +41,88 @@ pub struct Json {
     owned: Vec<Box<str>>,
 }
 
+impl Drop for Json {
+    fn drop(&mut self) {
+        tapes::give_back(std::mem::take(&mut self.nodes));
+    }
+}
+
+/// Tapes kept for the next parses. A document is usually dropped on another thread than the
+/// worker that parsed it (the consuming thread, once it has built the Python objects), and
+/// freeing there takes the lock of the worker's malloc arena, against the worker's own
+/// allocations: on `json` (2 workers) nearly every time the consuming thread slept, it slept
+/// on that lock (perf sched). Kept instead, a tape goes back to a worker for another parse.
+/// Each thread keeps a few itself and trades them in runs with a shared store, one lock per
+/// run; small tapes only, and only so many, so that the memory kept stays small.
+mod tapes {
+    use super::Node;
+    use std::cell::RefCell;
+    use std::sync::{Mutex, PoisonError};
+
+    /// The largest tape kept, in nodes (8 KiB; a 2 KiB message of small fields needs ~256).
+    const MAX_NODES: usize = 512;
+    /// Tapes moved to or from the shared store at once.
+    const RUN: usize = 32;
+    /// Tapes the shared store keeps (at most 2 MiB); each thread keeps up to `2 * RUN` more.
+    const SHARED_MAX: usize = 256;
+
+    static SHARED: Mutex<Vec<Vec<Node>>> = Mutex::new(Vec::new());
+
+    thread_local! {
+        static KEPT: RefCell<Vec<Vec<Node>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    fn shared() -> std::sync::MutexGuard<'static, Vec<Vec<Node>>> {
+        SHARED.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An empty tape with room for `capacity` nodes: a kept one if there is one.
+    pub(super) fn take(capacity: usize) -> Vec<Node> {
+        let kept = KEPT
+            .try_with(|kept| {
+                let mut kept = kept.borrow_mut();
+                if kept.is_empty() {
+                    let mut shared = shared();
+                    let from = shared.len().saturating_sub(RUN);
+                    kept.extend(shared.drain(from..));
+                }
+                kept.pop()
+            })
+            .ok()
+            .flatten();
+        match kept {
+            Some(mut tape) => {
+                tape.reserve(capacity);
+                tape
+            }
+            None => Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Keeps a tape whose document is gone, or frees it (too large, or enough kept).
+    pub(super) fn give_back(mut tape: Vec<Node>) {
+        if tape.capacity() == 0 || tape.capacity() > MAX_NODES {
+            return;
+        }
+        tape.clear();
+        // During the thread's exit (its own store already gone) the tape is just freed.
+        let _ = KEPT.try_with(move |kept| {
+            let mut kept = kept.borrow_mut();
+            kept.push(tape);
+            if kept.len() >= 2 * RUN {
+                let mut shared = shared();
+                let room = SHARED_MAX.saturating_sub(shared.len());
+                shared.extend(kept.drain(RUN..).take(room));
+            }
+        });
+    }
+
+    #[cfg(test)]
+    pub(super) fn kept_here() -> usize {
+        KEPT.with(|kept| kept.borrow().len())
+    }
+}
+
 impl PartialEq for Json {
     fn eq(&self, other: &Self) -> bool {
         self.to_value() == other.to_value()
@@ -58,7 +140,7 @@ impl Json {
     pub fn parse_owned(payload: Bytes) -> Result<Json, (Bytes, serde_json::Error)> {
         let mut tape = Tape {
             // About one node per 8 bytes of typical messages: one allocation for most.
-            nodes: Vec::with_capacity(payload.len() / 8 + 4),
+            nodes: tapes::take(payload.len() / 8 + 4),
             owned: Vec::new(),
             within: payload.as_ptr_range(),
         };
@@ -74,8 +156,8 @@ impl Json {
     }
 
     /// The payload it was parsed from, given back.
-    pub fn into_payload(self) -> Bytes {
-        self.payload
+    pub fn into_payload(mut self) -> Bytes {
+        std::mem::take(&mut self.payload)
     }
 
     /// The tape of a `serde_json::Value` (for tests and native callers).
@@ -364,6 +446,34 @@ mod tests {
         let e = doc.path(["e"]).expect("e");
         assert_eq!(doc.str_at(doc.nodes()[e]), Some("tab\there é"));
         assert!(matches!(doc.nodes()[e], Node::Owned(0)));
+    }
+
+    #[test]
+    fn tapes_are_kept_for_the_next_parse_and_large_ones_are_not() {
+        let small = r#"{"seq":1,"v":[1,2,3],"s":"x"}"#;
+        let doc = parse(small);
+        let tape = doc.nodes().as_ptr();
+        let before = tapes::kept_here();
+        drop(doc);
+        assert_eq!(tapes::kept_here(), before + 1);
+        // The next parse on this thread reads into the same memory.
+        let again = parse(small);
+        assert_eq!(again.nodes().as_ptr(), tape);
+        assert_eq!(tapes::kept_here(), before);
+        assert_eq!(again.to_value(), parse(small).to_value());
+        // A tape of more than 512 nodes is freed, not kept.
+        let big = format!("[{}]", vec!["1"; 2000].join(","));
+        drop(parse(&big));
+        assert_eq!(tapes::kept_here(), before);
+        // A thread keeps at most 2 x 32: past that, a run goes to the shared store.
+        let many: Vec<Json> = (0..100).map(|_| parse(small)).collect();
+        drop(many);
+        let kept = tapes::kept_here();
+        assert!((32..64).contains(&kept), "{kept}");
+        // into_payload gives the payload back, and the tape is kept all the same.
+        let payload = parse(small).into_payload();
+        assert_eq!(payload.as_ref(), small.as_bytes());
+        assert_eq!(tapes::kept_here(), kept);
     }
 
     #[test]
