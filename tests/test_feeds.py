@@ -97,6 +97,52 @@ def test_conflate_keeps_the_newest_message_per_key(mock_server):
         assert seen[sym][-1] == 2997 + i, "the newest message of every key is delivered"
 
 
+@pytest.mark.parametrize("policy", ["drop_newest", "drop_oldest", "conflate", "error"])
+def test_overflow_policies_hold_for_bytes_taken_without_a_worker(mock_server, policy):
+    # Bytes without a handler run no worker: the consuming thread takes them from the queue
+    # itself, so here the slow one is the consumer. Every policy must act as with workers.
+    symbols = ["BTC", "ETH", "SOL"]
+    server = mock_server([{"sym": symbols[i % 3], "seq": i} for i in range(3000)])
+    seqs: list[int] = []
+    keyed = {"key": "sym"} if policy == "conflate" else {}
+    stream = wspool.consume(server.url, decode="bytes", queue_size=4, overflow=policy, **keyed)
+    assert stream.stats.workers == 1
+    try:
+        with stream:
+            for result in stream:
+                seqs.append(json.loads(result.value)["seq"])
+                time.sleep(0.0005)
+    except wspool.Overflow as error:
+        assert policy == "error"
+        assert error.capacity == 4 and seqs == list(range(error.job_id))
+    stats = stream.stats
+    assert stats.dropped > 0, stats
+    assert stats.received == stats.processed + stats.dropped and stats.in_flight == 0, stats
+    assert stats.processed == len(seqs)
+    # In order (conflation: within each key; a key keeps its first place in the queue).
+    for k in range(3) if policy == "conflate" else [None]:
+        mine = [s for s in seqs if k is None or s % 3 == k]
+        assert mine == sorted(mine)
+    if policy == "drop_newest":
+        assert seqs[:4] == list(range(4))
+    elif policy == "drop_oldest":
+        assert seqs[-1] == 2999
+    elif policy == "conflate":
+        # The newest message of every key is delivered.
+        assert [max(s for s in seqs if s % 3 == k) for k in range(3)] == [2997, 2998, 2999]
+
+
+def test_key_order_holds_for_bytes_taken_without_a_worker(mock_server):
+    server = mock_server([{"sym": "ABC"[i % 3], "seq": i} for i in range(3000)])
+    with wspool.consume(
+        server.url, decode="bytes", queue_size=8, key="sym", ordered="key"
+    ) as stream:
+        seqs = [json.loads(v)["seq"] for v in stream.values()]
+    # One consumer takes them: receipt order, which is also each key's order.
+    assert seqs == list(range(3000))
+    assert stream.stats.processed == 3000 and stream.stats.in_flight == 0
+
+
 def test_conflate_and_key_order_need_a_key():
     with pytest.raises(ValueError, match="need key="):
         wspool.consume("ws://127.0.0.1:9/", overflow="conflate")
