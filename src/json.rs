@@ -53,7 +53,8 @@ impl Drop for Json {
 /// allocations: on `json` (2 workers) nearly every time the consuming thread slept, it slept
 /// on that lock (perf sched). Kept instead, a tape goes back to a worker for another parse.
 /// Each thread keeps a few itself and trades them in runs with a shared store, one lock per
-/// run; small tapes only, and only so many, so that the memory kept stays small.
+/// run; small tapes only, and at most 2 MiB of them shared, so that the memory kept stays
+/// small.
 mod tapes {
     use super::Node;
     use std::cell::RefCell;
@@ -63,16 +64,25 @@ mod tapes {
     const MAX_NODES: usize = 512;
     /// Tapes moved to or from the shared store at once.
     const RUN: usize = 32;
-    /// Tapes the shared store keeps (at most 2 MiB); each thread keeps up to `2 * RUN` more.
-    const SHARED_MAX: usize = 256;
+    /// Bytes of tape the shared store keeps (each thread keeps up to `2 * RUN` tapes more).
+    /// By bytes, not by count: small messages' tapes (~300 bytes at 120 B) must cover what
+    /// the queues hold in flight (up to thousands), or the consuming thread, giving them back
+    /// faster than the workers take them in a burst, frees the excess into the workers'
+    /// arenas after all.
+    const SHARED_BYTES: usize = 2 << 20;
 
-    static SHARED: Mutex<Vec<Vec<Node>>> = Mutex::new(Vec::new());
+    /// The tapes, and the bytes they hold.
+    static SHARED: Mutex<(Vec<Vec<Node>>, usize)> = Mutex::new((Vec::new(), 0));
 
     thread_local! {
         static KEPT: RefCell<Vec<Vec<Node>>> = const { RefCell::new(Vec::new()) };
     }
 
-    fn shared() -> std::sync::MutexGuard<'static, Vec<Vec<Node>>> {
+    fn bytes(tape: &Vec<Node>) -> usize {
+        tape.capacity() * std::mem::size_of::<Node>()
+    }
+
+    fn shared() -> std::sync::MutexGuard<'static, (Vec<Vec<Node>>, usize)> {
         SHARED.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -83,8 +93,12 @@ mod tapes {
                 let mut kept = kept.borrow_mut();
                 if kept.is_empty() {
                     let mut shared = shared();
-                    let from = shared.len().saturating_sub(RUN);
-                    kept.extend(shared.drain(from..));
+                    let (tapes, held) = &mut *shared;
+                    let from = tapes.len().saturating_sub(RUN);
+                    for tape in tapes.drain(from..) {
+                        *held -= bytes(&tape);
+                        kept.push(tape);
+                    }
                 }
                 kept.pop()
             })
@@ -111,8 +125,13 @@ mod tapes {
             kept.push(tape);
             if kept.len() >= 2 * RUN {
                 let mut shared = shared();
-                let room = SHARED_MAX.saturating_sub(shared.len());
-                shared.extend(kept.drain(RUN..).take(room));
+                let (tapes, held) = &mut *shared;
+                for tape in kept.drain(RUN..) {
+                    if *held + bytes(&tape) <= SHARED_BYTES {
+                        *held += bytes(&tape);
+                        tapes.push(tape);
+                    }
+                }
             }
         });
     }
