@@ -348,10 +348,11 @@ impl JobQueue {
         }
     }
 
-    /// Moves up to `n` runnable jobs into `out`, fewer once their payloads hold `max_bytes`.
+    /// Moves up to `n` runnable jobs into `out`, fewer once their payloads hold `max_bytes`
+    /// (one at least, whatever its size).
     fn take_up_to(&self, st: &mut State, n: usize, max_bytes: usize, out: &mut Vec<Popped>) {
         let mut bytes = 0usize;
-        while out.len() < n && bytes < max_bytes {
+        while out.len() < n && (out.is_empty() || bytes < max_bytes) {
             let Some(entry) = st.runnable.pop_front() else {
                 break;
             };
@@ -528,7 +529,7 @@ mod tests {
             Took::Nothing
         );
         assert!(started.elapsed() >= Duration::from_millis(30));
-        for id in 0..6 {
+        for id in 0..7 {
             let mut j = job(id);
             j.payload = Bytes::from(vec![b'x'; 100]);
             assert!(matches!(q.try_push(j, None), Push::Done { dropped: 0 }));
@@ -537,21 +538,24 @@ mod tests {
         assert_eq!(q.pop_within(8, 250, Duration::ZERO, &mut out), Took::Jobs);
         assert_eq!(out.iter().map(|p| p.job.id).collect::<Vec<_>>(), [0, 1, 2]);
         out.clear();
-        // A budget below one job still takes one.
+        // A budget below one job still takes one; so does none at all.
         assert_eq!(q.pop_within(8, 1, Duration::ZERO, &mut out), Took::Jobs);
+        assert_eq!(out.len(), 1);
+        out.clear();
+        assert_eq!(q.pop_within(8, 0, Duration::ZERO, &mut out), Took::Jobs);
         assert_eq!(out.len(), 1);
         out.clear();
         assert_eq!(
             q.pop_within(1, usize::MAX, Duration::ZERO, &mut out),
             Took::Jobs
         );
-        assert_eq!(out[0].job.id, 4);
+        assert_eq!(out[0].job.id, 5);
         out.clear();
         assert_eq!(
             q.pop_within(8, usize::MAX, Duration::ZERO, &mut out),
             Took::Jobs
         );
-        assert_eq!(out[0].job.id, 5);
+        assert_eq!(out[0].job.id, 6);
         out.clear();
         // Closed while the owner waits: it is told at once, not after its wait.
         let started = Instant::now();

@@ -534,7 +534,10 @@ impl<O: Send + 'static> Stream<O> {
             return Batch::End(Some(self.forked_error()));
         }
         let mut leftover = lock(&self.leftover);
-        let rx = match lock(&self.results).clone() {
+        // Cloned out first: a guard in the match's scrutinee would be held through the whole
+        // match, so through the direct feed's wait, and `cancel` (GIL held) would wait on it.
+        let feed = lock(&self.results).clone();
+        let rx = match feed {
             None => {
                 leftover.clear();
                 return self.end();

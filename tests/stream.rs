@@ -885,3 +885,36 @@ fn with_nothing_to_run_but_several_workers_or_text_the_pool_runs() {
         server.finish();
     }
 }
+
+/// Regression: a consumer waiting for jobs on a stream with no workers holds no lock: other
+/// calls (`cancel`, another `next_batch`) go on at once (the wait used to hold the lock they
+/// take, for as long as it lasted).
+#[test]
+fn a_consumer_waiting_on_a_stream_with_no_workers_blocks_no_other_call() {
+    let server = serve_ws(|ws| async move {
+        // Holds the connection open, sending and reading nothing.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        drop(ws);
+    });
+    let stream = Stream::start(
+        config(&server.url(), DecodeMode::Bytes, 1, 16),
+        Passthrough::default(),
+    )
+    .expect("start");
+    connected(&stream);
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| stream.next_batch(16, Duration::from_secs(10)));
+        std::thread::sleep(Duration::from_millis(100));
+        let started = Instant::now();
+        assert!(matches!(
+            stream.next_batch(1, Duration::ZERO),
+            Batch::Pending
+        ));
+        stream.cancel();
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+        assert!(matches!(waiter.join().expect("no panic"), Batch::End(None)));
+    });
+    joined(&stream);
+    server.finish();
+}
