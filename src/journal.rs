@@ -1864,8 +1864,8 @@ impl Writer {
             // Jobs still on their way are not journaled, so they are not run (nor lost
             // silently: the stream ends with this error, and they are counted as cancelled).
             if let Some(rx) = self.inserts.take() {
-                for _ in rx.drain() {
-                    self.shared.on_cancelled();
+                for run in rx.drain() {
+                    self.shared.on_cancelled_n(run.len() as u64);
                 }
             }
         }
@@ -1894,8 +1894,12 @@ impl Writer {
             if !due {
                 continue;
             }
-            self.write(&batch)?;
-            self.answer()?;
+            if let Err(e) = self.write(&batch).and_then(|()| self.answer()) {
+                // Not run (not written, or written but not handed to the pool): counted as
+                // cancelled; the stream ends with `e`.
+                self.shared.on_cancelled_n(batch.len() as u64);
+                return Err(e);
+            }
             self.release_all(&mut batch)?;
         }
         self.write(&[])?;
@@ -2045,8 +2049,12 @@ impl Writer {
             });
             self.gather_updates();
             if self.changes_due() {
-                self.write(&[])?;
-                self.answer()?;
+                if let Err(e) = self.write(&[]).and_then(|()| self.answer()) {
+                    // Written, but never run here: they stay `received` for the next start.
+                    let left = waiting.take().into_iter().chain(rest.by_ref()).count() as u64;
+                    self.shared.on_cancelled_n(left);
+                    return Err(e);
+                }
             }
         }
     }
@@ -2414,12 +2422,14 @@ mod tests {
         let processor = setup.wrap(Echo, describe());
         let (writer, _link, tx) = setup.spawn(queue.clone(), shared.clone(), None).unwrap();
         static BIG: [u8; 4096] = [b'x'; 4096];
+        // Runs of two, as the read loop sends runs: each job must be counted, not each run.
         let mut sent = 0;
-        for i in 0..64 {
-            if tx.send(vec![(job(i, &BIG), None)]).is_err() {
+        for i in 0..32 {
+            let run = vec![(job(2 * i, &BIG), None), (job(2 * i + 1, &BIG), None)];
+            if tx.send(run).is_err() {
                 break;
             }
-            sent += 1;
+            sent += 2;
         }
         drop(tx);
         let mut ran = 0;
@@ -2442,6 +2452,13 @@ mod tests {
             .unwrap()
             .total;
         assert_eq!(ran, written, "exactly the written jobs ran");
+        // Every job sent is accounted for: it ran, or it was counted as cancelled.
+        assert_eq!(
+            ran + shared.snapshot().cancelled,
+            sent,
+            "{:?}",
+            shared.snapshot()
+        );
     }
 
     fn received(ids: std::ops::Range<u64>) -> Vec<(Job, Option<Key>)> {
