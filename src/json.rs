@@ -58,7 +58,7 @@ impl Drop for Json {
 mod tapes {
     use super::Node;
     use std::cell::RefCell;
-    use std::sync::{Mutex, PoisonError};
+    use std::sync::{Mutex, TryLockError};
 
     /// The largest tape kept, in nodes (8 KiB; a 2 KiB message of small fields needs ~256).
     const MAX_NODES: usize = 512;
@@ -82,22 +82,32 @@ mod tapes {
         tape.capacity() * std::mem::size_of::<Node>()
     }
 
-    fn shared() -> std::sync::MutexGuard<'static, (Vec<Vec<Node>>, usize)> {
-        SHARED.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The shared store, unless another thread has it: nobody waits for it (a tape is then
+    /// allocated or freed instead). Waiting could also hang a child process forked while a
+    /// worker held it.
+    fn shared() -> Option<std::sync::MutexGuard<'static, (Vec<Vec<Node>>, usize)>> {
+        match SHARED.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
     }
 
-    /// An empty tape with room for `capacity` nodes: a kept one if there is one.
+    /// An empty tape with room for `capacity` nodes: a kept one if there is one that is not
+    /// far larger (a small message's document may live long, inside a Python result, and
+    /// must not hold a large message's tape).
     pub(super) fn take(capacity: usize) -> Vec<Node> {
         let kept = KEPT
             .try_with(|kept| {
                 let mut kept = kept.borrow_mut();
                 if kept.is_empty() {
-                    let mut shared = shared();
-                    let (tapes, held) = &mut *shared;
-                    let from = tapes.len().saturating_sub(RUN);
-                    for tape in tapes.drain(from..) {
-                        *held -= bytes(&tape);
-                        kept.push(tape);
+                    if let Some(mut shared) = shared() {
+                        let (tapes, held) = &mut *shared;
+                        let from = tapes.len().saturating_sub(RUN);
+                        for tape in tapes.drain(from..) {
+                            *held -= bytes(&tape);
+                            kept.push(tape);
+                        }
                     }
                 }
                 kept.pop()
@@ -105,11 +115,12 @@ mod tapes {
             .ok()
             .flatten();
         match kept {
-            Some(mut tape) => {
+            Some(tape) if tape.capacity() <= 4 * capacity.max(16) => {
+                let mut tape = tape;
                 tape.reserve(capacity);
                 tape
             }
-            None => Vec::with_capacity(capacity),
+            _ => Vec::with_capacity(capacity),
         }
     }
 
@@ -124,7 +135,11 @@ mod tapes {
             let mut kept = kept.borrow_mut();
             kept.push(tape);
             if kept.len() >= 2 * RUN {
-                let mut shared = shared();
+                let Some(mut shared) = shared() else {
+                    // Busy: the run is freed rather than waited for.
+                    kept.truncate(RUN);
+                    return;
+                };
                 let (tapes, held) = &mut *shared;
                 for tape in kept.drain(RUN..) {
                     if *held + bytes(&tape) <= SHARED_BYTES {
@@ -484,6 +499,14 @@ mod tests {
         let big = format!("[{}]", vec!["1"; 2000].join(","));
         drop(parse(&big));
         assert_eq!(tapes::kept_here(), before);
+        // One of 300 nodes is kept, but a small document does not take it: it may live long.
+        let medium = parse(&format!("[{}]", vec!["1"; 300].join(",")));
+        let medium_tape = medium.nodes().as_ptr();
+        drop(medium);
+        let small_doc = parse(small);
+        assert_ne!(small_doc.nodes().as_ptr(), medium_tape);
+        assert!(small_doc.nodes().len() < 16);
+        drop(small_doc);
         // A thread keeps at most 2 x 32: past that, a run goes to the shared store.
         let many: Vec<Json> = (0..100).map(|_| parse(small)).collect();
         drop(many);
