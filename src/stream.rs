@@ -255,16 +255,16 @@ impl Limit {
 enum Feed<O> {
     /// The workers' result queue.
     Pool(flume::Receiver<Vec<O>>),
-    /// No workers (see [`Processor::passthrough`]): jobs straight from the job queue, each
-    /// made into its result by the function.
-    Direct(Arc<JobQueue>, fn(Job) -> O),
+    /// No workers (see [`Processor::passthrough`]): jobs straight from the stream's job
+    /// queue, each made into its result by the function.
+    Direct(fn(Job) -> O),
 }
 
 impl<O> Clone for Feed<O> {
     fn clone(&self) -> Self {
         match self {
             Feed::Pool(rx) => Feed::Pool(rx.clone()),
-            Feed::Direct(queue, make) => Feed::Direct(queue.clone(), *make),
+            Feed::Direct(make) => Feed::Direct(*make),
         }
     }
 }
@@ -280,7 +280,8 @@ pub struct Stream<O> {
     /// The rest of a batch that `next_batch` could not hand out whole (`max`).
     leftover: Mutex<std::collections::VecDeque<O>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    /// The job queue, to discard what waits there when the owner gives up on stuck workers.
+    /// The job queue: what waits there is discarded when the owner gives up on stuck workers,
+    /// and with no workers ([`Feed::Direct`]) `next_batch` takes the jobs from it.
     queue: Arc<JobQueue>,
     workers: usize,
     /// The process that started the stream. After `fork()` the child has a copy of this value
@@ -335,7 +336,7 @@ impl<O: Send + 'static> Stream<O> {
             _ => None,
         };
         let (feed, mut threads) = match passthrough {
-            Some(make) => (Feed::Direct(queue.clone(), make), Vec::new()),
+            Some(make) => (Feed::Direct(make), Vec::new()),
             None => Self::spawn_pool(
                 &config,
                 processor,
@@ -543,9 +544,9 @@ impl<O: Send + 'static> Stream<O> {
                 return self.end();
             }
             Some(Feed::Pool(rx)) => rx,
-            Some(Feed::Direct(queue, make)) => {
+            Some(Feed::Direct(make)) => {
                 drop(leftover);
-                return self.take_direct(&queue, make, max, max_bytes, wait);
+                return self.take_direct(make, max, max_bytes, wait);
             }
         };
         if self.shared.is_fatal() && !self.shared.is_cancelled() {
@@ -593,14 +594,13 @@ impl<O: Send + 'static> Stream<O> {
     /// results here. Jobs are sized by their payloads.
     fn take_direct(
         &self,
-        queue: &JobQueue,
         make: fn(Job) -> O,
         max: usize,
         max_bytes: usize,
         wait: Duration,
     ) -> Batch<O> {
         let mut popped = Vec::with_capacity(max.min(pool::MAX_BATCH * 4));
-        match queue.pop_within(max, max_bytes, wait, &mut popped) {
+        match self.queue.pop_within(max, max_bytes, wait, &mut popped) {
             Took::Nothing => return Batch::Pending,
             Took::Closed => return self.end(),
             Took::Jobs => {}
@@ -616,7 +616,7 @@ impl<O: Send + 'static> Stream<O> {
             .collect();
         // Their results are out (per-key order: the next job of each key may go).
         for key in keys {
-            queue.done(key);
+            self.queue.done(key);
         }
         Batch::Items(items)
     }
@@ -761,8 +761,8 @@ impl<O> Stream<O> {
     /// No more results will be taken. With no workers, the jobs still queued are counted as
     /// cancelled here (the ones the read loop queues after, as it ends), as workers would.
     fn drop_feed(&self) {
-        if let Some(Feed::Direct(queue, _)) = lock(&self.results).take() {
-            self.shared.on_cancelled_n(queue.discard_all());
+        if let Some(Feed::Direct(_)) = lock(&self.results).take() {
+            self.shared.on_cancelled_n(self.queue.discard_all());
         }
     }
 }
