@@ -254,6 +254,25 @@ fn subscribe_messages_and_headers_arrive_first_and_in_order() {
     );
 }
 
+/// Pulls nothing for 200 ms, sampling `received` every 20 ms; checks that no more than `bound`
+/// messages were read and that reading had stopped (the last samples agree). Returns the most.
+fn read_while_paused<O: Send + 'static>(stream: &Stream<O>, bound: u64) -> u64 {
+    let pause = Instant::now();
+    let mut samples = Vec::new();
+    while pause.elapsed() < Duration::from_millis(200) {
+        std::thread::sleep(Duration::from_millis(20));
+        samples.push(stream.stats().received);
+    }
+    let most = samples.iter().copied().max().unwrap_or(0);
+    assert!(
+        most <= bound,
+        "read {most} > {bound} while paused: {samples:?}"
+    );
+    let tail = &samples[samples.len() - 3..];
+    assert!(tail.iter().all(|&r| r == tail[0]), "{samples:?}");
+    most
+}
+
 #[test]
 fn a_slow_consumer_stops_the_reading() {
     const N: u64 = 20_000;
@@ -276,21 +295,8 @@ fn a_slow_consumer_stops_the_reading() {
     // (QUEUE, one more at a stop), the read loop's run (never more than the queue holds) and
     // one job in each worker's hand.
     let bound = (QUEUE * 3 + WORKERS + 1) as u64;
-    let pause = Instant::now();
-    let mut samples = Vec::new();
-    while pause.elapsed() < Duration::from_millis(200) {
-        std::thread::sleep(Duration::from_millis(20));
-        samples.push(stream.stats().received);
-    }
-    let most = samples.iter().copied().max().unwrap_or(0);
-    assert!(most > 0, "nothing was read: {samples:?}");
-    assert!(
-        most <= bound,
-        "read {most} > {bound} while paused: {samples:?}"
-    );
-    // Reading had stopped: the last samples agree.
-    let tail = &samples[samples.len() - 3..];
-    assert!(tail.iter().all(|&r| r == tail[0]), "{samples:?}");
+    let most = read_while_paused(&stream, bound);
+    assert!(most > 0, "nothing was read");
     // 20,000 jobs at 1 ms each would take 20 s: drop the per-job sleep, then pull everything.
     processor.set_delay(Duration::ZERO);
     let (results, end) = collect(&stream, Duration::from_secs(10));
@@ -636,15 +642,7 @@ fn the_end_error_is_set_before_the_end_is_reported() {
 fn a_batch_stops_at_its_byte_budget_and_nothing_is_lost() {
     const N: u64 = 300;
     const SIZE: usize = 10_000;
-    let server = serve_ws(|mut ws| async move {
-        for seq in 0..N {
-            let mut payload = vec![b'x'; SIZE];
-            payload[..8].copy_from_slice(&seq.to_le_bytes());
-            ws.feed(Message::binary(payload)).await.expect("send");
-        }
-        ws.flush().await.expect("flush");
-        close_with(&mut ws, 1000, "bye").await
-    });
+    let server = binary_stream(N, SIZE);
     let stream = Stream::start(
         config(&server.url(), DecodeMode::Bytes, 2, 512),
         Recorder::default(),
@@ -728,6 +726,8 @@ impl wspool::Processor for Passthrough {
     }
 }
 
+/// A server sending `n` binary messages of `size` bytes, each starting with its seq (8 bytes,
+/// little-endian), then a close frame (1000).
 fn binary_stream(n: u64, size: usize) -> Server<Option<u16>> {
     serve_ws(move |mut ws| async move {
         for seq in 0..n {
@@ -813,19 +813,7 @@ fn with_nothing_to_run_a_slow_consumer_stops_the_reading_and_cancel_counts_the_q
     // Pull nothing for 200 ms: the job queue fills and reading stops. Read by then, at most:
     // what was taken, the queue (one more at a stop) and the read loop's run.
     let bound = taken + (QUEUE * 2 + 1) as u64;
-    let pause = Instant::now();
-    let mut samples = Vec::new();
-    while pause.elapsed() < Duration::from_millis(200) {
-        std::thread::sleep(Duration::from_millis(20));
-        samples.push(stream.stats().received);
-    }
-    let most = samples.iter().copied().max().unwrap_or(0);
-    assert!(
-        most <= bound,
-        "read {most} > {bound} while paused: {samples:?}"
-    );
-    let tail = &samples[samples.len() - 3..];
-    assert!(tail.iter().all(|&r| r == tail[0]), "{samples:?}");
+    read_while_paused(&stream, bound);
     stream.cancel();
     joined(&stream);
     let s = stream.stats();
