@@ -540,7 +540,11 @@ impl<O: Send + 'static> Stream<O> {
         let feed = lock(&self.results).clone();
         let rx = match feed {
             None => {
-                leftover.clear();
+                // Freed after the lock is let go: a result's drop may run Python code (a
+                // `__del__`) that calls back into this stream.
+                let gone = std::mem::take(&mut *leftover);
+                drop(leftover);
+                drop(gone);
                 return self.end();
             }
             Some(Feed::Pool(rx)) => rx,
@@ -654,7 +658,9 @@ impl<O: Send + 'static> Stream<O> {
         self.shared.set_cancelled();
         self.control.send_replace(Control::Cancel);
         self.drop_feed();
-        lock(&self.leftover).clear();
+        // Taken out under the lock, freed after it (see `next_batch_within`).
+        let gone = std::mem::take(&mut *lock(&self.leftover));
+        drop(gone);
         self.shared.mark_ended();
     }
 
@@ -761,9 +767,13 @@ impl<O> Stream<O> {
     /// No more results will be taken. With no workers, the jobs still queued are counted as
     /// cancelled here (the ones the read loop queues after, as it ends), as workers would.
     fn drop_feed(&self) {
-        if let Some(Feed::Direct(_)) = lock(&self.results).take() {
+        // Taken out under the lock and freed after it: the results still in the channel go
+        // with it, and a result's drop may run Python code that calls back into this stream.
+        let feed = lock(&self.results).take();
+        if let Some(Feed::Direct(_)) = feed {
             self.shared.on_cancelled_n(self.queue.discard_all());
         }
+        drop(feed);
     }
 }
 

@@ -906,3 +906,82 @@ fn a_consumer_waiting_on_a_stream_with_no_workers_blocks_no_other_call() {
     joined(&stream);
     server.finish();
 }
+
+/// A result whose drop calls `cancel` on the stream it came from, as a Python result's
+/// `__del__` may: armed per thread, so only the drops the test provokes call back.
+struct Reentrant;
+
+thread_local! {
+    static CALL_BACK: std::cell::RefCell<Option<std::sync::Arc<Stream<Reentrant>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl Drop for Reentrant {
+    fn drop(&mut self) {
+        let stream = CALL_BACK.with(|s| s.borrow().clone());
+        if let Some(stream) = stream {
+            stream.cancel();
+        }
+    }
+}
+
+#[derive(Clone)]
+struct MakesReentrant;
+
+impl wspool::Processor for MakesReentrant {
+    type Output = Reentrant;
+
+    fn process(&self, _: wspool::Job, _: Result<Data, wspool::DecodeError>) -> (Reentrant, bool) {
+        (Reentrant, true)
+    }
+
+    fn panicked(&self, _: wspool::Job, _: Error) -> Reentrant {
+        Reentrant
+    }
+}
+
+#[test]
+fn results_freed_by_cancel_may_call_back_into_the_stream() {
+    const N: u64 = 2000;
+    let server = binary_stream(N, 16);
+    let stream = std::sync::Arc::new(
+        Stream::start(
+            config(&server.url(), DecodeMode::Bytes, 1, 4096),
+            MakesReentrant,
+        )
+        .expect("start"),
+    );
+    // Every result made and waiting; the read loop and the worker are gone, so the results
+    // still in the channel are freed with its receiver.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stream.stats().processed < N || stream.stats().threads > 0 {
+        assert!(Instant::now() < deadline, "{:?}", stream.stats());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Taken one at a time, so that the workers' batches (up to 64 once the jobs are seen to
+    // be cheap) are split and the rest of each waits as the stream's leftover.
+    for _ in 0..100 {
+        match stream.next_batch(1, Duration::from_secs(1)) {
+            Batch::Items(items) => assert_eq!(items.len(), 1),
+            Batch::Pending => panic!("no result within 1 s"),
+            Batch::End(e) => panic!("the stream ended early: {e:?}"),
+        }
+    }
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let canceller = stream.clone();
+    std::thread::spawn(move || {
+        CALL_BACK.with(|s| *s.borrow_mut() = Some(canceller.clone()));
+        canceller.cancel();
+        CALL_BACK.with(|s| *s.borrow_mut() = None);
+        done_tx.send(()).expect("send");
+    });
+    // Before the fix the first callback waited for a lock its own thread held.
+    assert!(
+        done_rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "cancel deadlocked freeing a result that called back into the stream"
+    );
+    assert!(matches!(
+        stream.next_batch(1, Duration::from_millis(100)),
+        Batch::End(_)
+    ));
+}

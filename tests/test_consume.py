@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -431,6 +432,49 @@ def test_cancel_from_a_handler_ends_the_stream(mock_server, threads):
     stats = stream.stats
     assert stats.threads == 0 and stats.in_flight == 0
     threads.assert_back()
+
+
+DEL_CALLS_BACK = """
+import json, sys, time, wspool
+url, n = sys.argv[1], int(sys.argv[2])
+stream = None
+calls = 0
+
+
+class CallsBack:
+    def __del__(self):
+        global calls
+        calls += 1
+        stream.cancel()  # back into the stream that is freeing it
+
+
+with wspool.consume(url, lambda job: CallsBack(), decode="bytes", queue_size=4096) as stream:
+    while stream.stats.processed < n or stream.stats.threads:
+        time.sleep(0.005)
+    first = next(stream)  # the rest wait: some taken into the iterator, the others in Rust
+    stream.cancel()
+    freed_by_cancel = calls
+    del first
+print(json.dumps({"freed": freed_by_cancel, "calls": calls, **stream.stats.as_dict()}))
+"""
+
+
+def test_results_freed_by_cancel_may_call_back_into_the_stream(mock_server):
+    # Regression: cancel() freed the results not yet taken while it held the stream's locks;
+    # a result whose __del__ called back into the stream then waited for them with the GIL.
+    n = 3000
+    server = mock_server(count=n)
+    proc = subprocess.run(
+        [sys.executable, "-c", DEL_CALLS_BACK, server.url, str(n)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Exception ignored" not in proc.stderr, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["freed"] == n - 1 and got["calls"] == n, got
+    assert got["processed"] == n and got["in_flight"] == 0, got
 
 
 def test_on_result_that_raises_once_still_sees_every_result(mock_server):
