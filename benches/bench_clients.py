@@ -392,7 +392,9 @@ def run_wspool(job: Job, workers: Optional[int] = None) -> dict[str, Any]:
     return result
 
 
-def _run_wspool_values(job: Job, workers: Optional[int]) -> dict[str, Any]:
+def _run_wspool_values(
+    job: Job, workers: Optional[int], asynchronous: bool = False
+) -> dict[str, Any]:
     """The scenarios without a handler: the payloads (bytes, or dicts for json) come as plain
     values, ``Stream.batches(values=True)``, in receipt order: naturally with one worker (the
     default for bytes without a handler), through ``ordered=True`` with more. Each goes
@@ -404,28 +406,47 @@ def _run_wspool_values(job: Job, workers: Optional[int]) -> dict[str, Any]:
     decode = "bytes" if binary else "json"
     sink = Sink(job.scenario, job.size, job.count, binary, parsed=not binary)
     feed = sink.feed
+    ref = job.scenario == "ref"
     counted = 0
-    with wspool.consume(
-        _with_count(job.url, job.count),
-        decode=decode,
-        workers=workers,
-        ordered=workers != 1 and not binary,
-        timeout=job.deadline,
-    ) as stream:
-        if job.scenario == "ref":
-            for batch in stream.batches(values=True):
-                counted += len(batch)
+
+    def take(batch: list[Any]) -> None:
+        nonlocal counted
+        if ref:
+            counted += len(batch)
         else:
+            for value in batch:
+                feed(value)
+
+    def open_stream() -> Any:
+        return wspool.consume(
+            _with_count(job.url, job.count),
+            decode=decode,
+            workers=workers,
+            ordered=workers != 1 and not binary,
+            timeout=job.deadline,
+        )
+
+    if asynchronous:
+
+        async def main() -> Any:
+            async with open_stream() as stream:
+                async for batch in stream.batches(values=True):
+                    take(batch)
+            return stream
+
+        stream = asyncio.run(main())
+    else:
+        with open_stream() as stream:
             for batch in stream.batches(values=True):
-                for value in batch:
-                    feed(value)
+                take(batch)
     if stream.error is not None:
         raise stream.error
     result = sink.summary()
     if job.scenario == "ref":
         result["count"] = counted
     order = "one worker" if stream.stats.workers == 1 else "ordered=True"
-    result["note"] = f"workers={stream.stats.workers}, values in receipt order ({order})"
+    how = ", async for" if asynchronous else ""
+    result["note"] = f"workers={stream.stats.workers}, values in receipt order ({order}){how}"
     return result
 
 
@@ -769,6 +790,13 @@ CLIENTS: dict[str, Client] = {
         run_wspool_results, ("wspool",), ("count", "json", "large"), kind="wspool"
     ),
     "wspool-native": Client(run_wspool_native, ("wspool",), ("cpu",), kind="wspool"),
+    # asyncio code: `async with` and `async for batch in stream.batches(values=True)`.
+    "wspool-async": Client(
+        lambda job: _run_wspool_values(job, None, asynchronous=True),
+        ("wspool",),
+        ("count", "json", "large"),
+        kind="wspool",
+    ),
     "picows": Client(_async("picows"), ("picows",)),
     "aiohttp": Client(_async("aiohttp"), ("aiohttp",)),
     "websockets": Client(_async("websockets"), ("websockets.asyncio.client",)),

@@ -50,6 +50,7 @@ DEFAULT_CLIENTS = (
     "wspool-w1",
     "wspool-results",
     "wspool-native",
+    "wspool-async",
     "picows",
     "aiohttp",
     "websockets",
@@ -440,7 +441,8 @@ How to read this:
   the values, `ordered=True`); `work` a Python handler with `workers=16`. Diagnostic variants:
   `wspool-w1` the same with `workers=1`, `wspool-results` the handler-less scenarios consumed
   as `Result` objects (`stream.batches()`, completion order, each seq checked against
-  `result.id`).
+  `result.id`), `wspool-async` the handler-less scenarios as asyncio code would take them
+  (`async with`, `async for batch in stream.batches(values=True)`).
 - `work`: peers on asyncio run 16 worker tasks fed by an `asyncio.Queue` (`await
   asyncio.sleep(0.002)`); websocket-client a `ThreadPoolExecutor(16)` (`time.sleep`); ideal
   time = N x 2 ms / 16.

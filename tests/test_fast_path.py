@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import pytest
 
@@ -423,14 +424,22 @@ def test_values_refuse_an_unknown_failed_policy(mock_server, failed):
             stream.batches(values=True, failed=failed)
 
 
+def seq_or_failure_at(bad: int) -> Callable[[wspool.Job], int]:
+    """A handler returning each JSON message's seq, and raising ValueError for seq ``bad``."""
+
+    def handler(job: wspool.Job) -> int:
+        if job.data["seq"] == bad:
+            raise ValueError(f"bad {bad}")
+        return job.data["seq"]
+
+    return handler
+
+
 def test_async_values_wait_without_blocking_and_raise_job_failed(mock_server):
     n = 2000
     server = mock_server(count=n)
 
-    def handler(job: wspool.Job) -> int:
-        if job.data["seq"] == 500:
-            raise ValueError("bad 500")
-        return job.data["seq"]
+    handler = seq_or_failure_at(500)
 
     async def main() -> tuple[list[int], list[wspool.JobFailed]]:
         got: list[int] = []
@@ -466,3 +475,72 @@ def test_values_is_an_iterator_and_skips_failures_in_async_code(mock_server):
             return [v async for v in stream.values(failed="skip")]
 
     assert asyncio.run(main()) == [{"a": 1}, {"a": 3}]
+
+
+def test_async_batches_take_every_message_and_let_other_tasks_run(mock_server):
+    n = 20_000
+    server = mock_server(count=n)
+
+    async def main() -> tuple[list[list[bytes]], int, int]:
+        ticks = 0
+        done = False
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        # Every message queued before the iteration starts: results never run out, so only the
+        # iterator's own yield lets the ticker run.
+        async with wspool.consume(server.url, decode="bytes", queue_size=n) as stream:
+            while stream.stats.received < n:
+                await asyncio.sleep(0.01)
+            task = asyncio.create_task(ticker())
+            await asyncio.sleep(0)
+            before = ticks
+            batches = [batch async for batch in stream.batches(values=True)]
+            during = ticks - before
+        done = True
+        await task
+        return batches, during, stream.stats.processed
+
+    batches, ticks, processed = asyncio.run(main())
+    assert all(isinstance(b, list) and 1 <= len(b) <= 1024 for b in batches)
+    assert [int(m[7 : m.index(b",", 7)]) for b in batches for m in b] == list(range(n))
+    assert processed == n
+    assert ticks >= len(batches) - 1, (ticks, len(batches))
+
+
+def test_async_batches_of_results_and_values_lose_nothing_when_left_early(mock_server):
+    n = 3000
+    server = mock_server(count=n)
+
+    handler = seq_or_failure_at(1700)
+
+    async def main() -> tuple[list[int], list[int], list[int]]:
+        async with wspool.consume(
+            server.url, handler, decode="json", workers=2, ordered=True
+        ) as stream:
+            results: list[int] = []
+            async for batch in stream.batches():
+                assert all(isinstance(r, wspool.Result) for r in batch)
+                results.extend(r.value for r in batch)
+                if len(results) >= 500:
+                    break
+            # Per value, leaving the loop after each of the next 100.
+            one_by_one: list[int] = []
+            while len(one_by_one) < 100:
+                async for value in stream.values():
+                    one_by_one.append(value)
+                    break
+            values: list[int] = []
+            with pytest.raises(wspool.JobFailed) as failed:
+                async for batch in stream.batches(values=True):
+                    values.extend(batch)
+            assert failed.value.job_id == 1700
+            values.extend([v for b in [b async for b in stream.batches(values=True)] for v in b])
+        return results, one_by_one, values
+
+    results, one_by_one, values = asyncio.run(main())
+    assert results + one_by_one + values == [i for i in range(n) if i != 1700]

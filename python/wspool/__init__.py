@@ -8,7 +8,7 @@ come back to Python in batches. See :func:`consume` and :func:`run`.
 from __future__ import annotations
 
 from ._native import Job, Result, Select, Stats, __version__
-from ._stream import Event, Reconnect, Stream, Values, consume, run
+from ._stream import Batches, Event, Reconnect, Stream, Values, consume, run
 from .exceptions import (
     ConnectError,
     ConnectionClosed,
@@ -26,6 +26,7 @@ from .exceptions import (
 from .journal import JobRecord, Journal
 
 __all__ = [
+    "Batches",
     "ConnectError",
     "ConnectionClosed",
     "DecodeError",

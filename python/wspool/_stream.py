@@ -25,7 +25,7 @@ from ._native import Job, Result, Select, Stats
 from .exceptions import JobFailed, WspoolError
 from .journal import JobRecord
 
-__all__ = ["Event", "Reconnect", "Stream", "Values", "consume", "run"]
+__all__ = ["Batches", "Event", "Reconnect", "Stream", "Values", "consume", "run"]
 
 _log = logging.getLogger("wspool")
 
@@ -376,7 +376,9 @@ class Stream:
         # The thread that hands batches to an event loop (async iteration), made on first use,
         # and the batch it is fetching (kept across a cancelled await, so nothing is lost).
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        self._pending: Optional[concurrent.futures.Future[Optional[list[Result]]]] = None
+        # ("batch" or "values", its future): what was asked for, since a fetch left pending
+        # by a cancelled await is what the next async call gets, whatever that one asks for.
+        self._pending: Optional[tuple[str, concurrent.futures.Future[Any]]] = None
         self._buffer: collections.deque[Result] = collections.deque()
         # Values taken for `values()` and not yet yielded.
         self._values: collections.deque[Any] = collections.deque()
@@ -418,10 +420,12 @@ class Stream:
             self._resume.last = result.job
         return result
 
-    def batches(self, values: bool = False, *, failed: str = "raise") -> Iterator[list[Any]]:
+    def batches(self, values: bool = False, *, failed: str = "raise") -> Batches:
         """Yields the results in lists, each holding what had arrived (at most ``batch_size``),
         waiting for at least one: the fastest way to consume a busy stream, since the
-        per-result cost of iteration is paid once per list. Ends, or raises the error that
+        per-result cost of iteration is paid once per list. Iterate it with ``for``, or with
+        ``async for`` inside ``async with`` (the lists are then awaited without blocking the
+        event loop: the fastest path for asyncio code too). Ends, or raises the error that
         ended the stream, as iteration does; ``on_result`` still sees every result.
 
         With ``values=True`` the lists hold each result's ``value`` instead of the
@@ -431,10 +435,7 @@ class Stream:
         values before it are yielded; ``"skip"`` leaves it out (it is still counted in
         ``stats.failed`` and passed to ``on_result``).
         """
-        skip = _skip_failed(failed)
-        if values:
-            return self._value_batches(skip)
-        return self._result_batches()
+        return Batches(self, values, _skip_failed(failed))
 
     def values(self, *, failed: str = "raise") -> Values:
         """Each result's ``value`` (the decoded payload without a handler), without making
@@ -447,21 +448,50 @@ class Stream:
         return Values(self, _skip_failed(failed))
 
     async def _anext_value(self, skip: bool) -> Any:
-        """The next value for ``async for value in stream.values()``."""
-        pending, buffer, resume = self._values, self._buffer, self._resume
+        """The next value for ``anext()`` on :meth:`values`."""
+        while not self._values:
+            batch = await self._anext_values(skip)
+            if batch is None:
+                raise StopAsyncIteration
+            self._values.extend(batch)
+        return self._values.popleft()
+
+    async def _avalues(self, skip: bool) -> AsyncIterator[Any]:
+        """``async for value in stream.values()``: a generator rather than ``__anext__``, one
+        resumption per value instead of two coroutines. Values taken and not yet yielded wait
+        in ``_values``, so breaking out of the loop and iterating again loses nothing."""
+        pending = self._values
+        take = pending.popleft
         while True:
-            if pending:
-                return pending.popleft()
-            if not buffer and not await self._afill():
-                self._raise_end(StopAsyncIteration)
-            while buffer:
-                result = buffer.popleft()
-                if resume is not None:
-                    resume.last = result.job
-                if result.ok:
-                    return result.value
-                if not skip:
-                    raise JobFailed(result) from result.error
+            while pending:
+                yield take()
+            batch = await self._anext_values(skip)
+            if batch is None:
+                return
+            pending.extend(batch)
+
+    async def _anext_values(self, skip: bool) -> Optional[list[Any]]:
+        """The async ``_value_batches``: the next list of values, None once the stream is over
+        (after raising, once, the error that ended it)."""
+        while True:
+            out = self._buffered_values(skip)
+            if out:
+                return out
+            if self._on_result is not None or self._resume is not None:
+                if not await self._await_buffered():
+                    return None
+                continue
+            got = await self._afetch("values")
+            if got is None:
+                self._raise_error()
+                return None
+            kind, what = got
+            if kind == "values":
+                batch = self._keep_values(what)
+                if batch:
+                    return batch
+            else:
+                self._keep(kind, what)
 
     def _value_iter(self, skip: bool) -> Iterator[Any]:
         # Values taken but not yet yielded wait in `_values`, so breaking out of the loop and
@@ -478,44 +508,22 @@ class Stream:
             pending.extend(batch)
 
     def _result_batches(self) -> Iterator[list[Result]]:
-        buffer = self._buffer
         while self._wait_buffered():
-            batch = list(buffer)
-            buffer.clear()
-            if self._resume is not None:
-                self._resume.last = batch[-1].job
-            yield batch
+            yield self._take_buffered()
+
+    def _take_buffered(self) -> list[Result]:
+        batch = list(self._buffer)
+        self._buffer.clear()
+        if self._resume is not None:
+            self._resume.last = batch[-1].job
+        return batch
 
     def _value_batches(self, skip: bool) -> Iterator[list[Any]]:
-        # Results already made (left by iteration, or the rest of a batch after a failed one)
-        # are unwrapped here; the rest come from the native side as plain values, unless
-        # on_result or a subscribe callable needs every Result.
-        buffer = self._buffer
-        resume = self._resume
         while True:
-            if self._values:
-                out = list(self._values)
-                self._values.clear()
+            out = self._buffered_values(skip)
+            if out:
                 yield out
-            elif buffer:
-                out = []
-                while buffer:
-                    result = buffer.popleft()
-                    if resume is not None:
-                        resume.last = result.job
-                    if result.ok:
-                        out.append(result.value)
-                    elif skip:
-                        continue
-                    elif out:
-                        # Yield what came before it first; it raises on the next round.
-                        buffer.appendleft(result)
-                        break
-                    else:
-                        raise JobFailed(result) from result.error
-                if out:
-                    yield out
-            elif self._on_result is not None or resume is not None:
+            elif self._on_result is not None or self._resume is not None:
                 if not self._wait_buffered():
                     return
             else:
@@ -523,11 +531,44 @@ class Stream:
                 if got is None:
                     self._raise_error()
                     return
-                batch, rest = got
-                if rest is not None:
-                    buffer.extend(rest)
+                batch = self._keep_values(got)
                 if batch:
                     yield batch
+
+    def _buffered_values(self, skip: bool) -> list[Any]:
+        """The values already taken: those left by value iteration, else the results already
+        made (left by iteration, or the rest of a batch after a failed one) unwrapped; empty
+        when there are none. The rest come from the native side as plain values, unless
+        on_result or a subscribe callable needs every Result."""
+        if self._values:
+            out = list(self._values)
+            self._values.clear()
+            return out
+        buffer, resume = self._buffer, self._resume
+        out = []
+        while buffer:
+            result = buffer.popleft()
+            if resume is not None:
+                resume.last = result.job
+            if result.ok:
+                out.append(result.value)
+            elif skip:
+                continue
+            elif out:
+                # Yield what came before it first; it raises on the next round.
+                buffer.appendleft(result)
+                break
+            else:
+                raise JobFailed(result) from result.error
+        return out
+
+    def _keep_values(self, got: tuple[list[Any], Optional[list[Result]]]) -> list[Any]:
+        """What ``next_values`` returned: the values, and the results from the first failed
+        one on (buffered, for the next round)."""
+        batch, rest = got
+        if rest is not None:
+            self._buffer.extend(rest)
+        return batch
 
     def _wait_buffered(self) -> bool:
         """Fills the buffer until it holds a result: True then; False once the stream is over
@@ -543,10 +584,6 @@ class Stream:
         if self._error is not None and not self._error_raised:
             self._error_raised = True
             raise self._error
-
-    def _raise_end(self, stop: type[Exception]) -> None:
-        self._raise_error()
-        raise stop
 
     def _ensure_connected(self) -> None:
         # consume() inside a running event loop does not wait for the handshake; a synchronous
@@ -654,17 +691,42 @@ class Stream:
     # -- asyncio -----------------------------------------------------------------------------
 
     def __aiter__(self) -> AsyncIterator[Result]:
-        return self
+        # A generator rather than __anext__ (which stays, for anext()): one resumption per
+        # result instead of a coroutine. The results stay in the stream's buffer, so breaking
+        # out of the loop and iterating again loses nothing.
+        return self._aresults()
+
+    async def _aresults(self) -> AsyncIterator[Result]:
+        buffer = self._buffer
+        take = buffer.popleft
+        while await self._await_buffered():
+            while buffer:
+                result = take()
+                if self._resume is not None:
+                    self._resume.last = result.job
+                yield result
 
     async def __anext__(self) -> Result:
-        buffer = self._buffer
-        while not buffer:
-            if not await self._afill():
-                self._raise_end(StopAsyncIteration)
-        result = buffer.popleft()
+        if not await self._await_buffered():
+            raise StopAsyncIteration
+        result = self._buffer.popleft()
         if self._resume is not None:
             self._resume.last = result.job
         return result
+
+    async def _await_buffered(self) -> bool:
+        """The async ``_wait_buffered``."""
+        while not self._buffer:
+            if not await self._afill():
+                self._raise_error()
+                return False
+        return True
+
+    async def _anext_results(self) -> Optional[list[Result]]:
+        """The next list for ``async for batch in stream.batches()``; None once over."""
+        if not await self._await_buffered():
+            return None
+        return self._take_buffered()
 
     def _run_in_thread(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
         if self._executor is None:
@@ -674,32 +736,60 @@ class Stream:
         return self._executor.submit(fn)
 
     async def _afill(self, stall_timeout: Optional[float] = None) -> bool:
-        """The async `_fill`: a helper thread waits for the batch (GIL released) and the event
-        loop is woken through its thread-safe call when it is there; the loop never blocks."""
+        """The async `_fill`."""
+        got = await self._afetch("batch", stall_timeout)
+        if got is None:
+            return False
+        return self._keep(*got)
+
+    def _keep(self, kind: str, what: Any) -> bool:
+        """Keeps what an async fetch of ``kind`` brought: results in the buffer (raising
+        _Stalled for none), values (left by a cancelled ``values()`` await) in ``_values``."""
+        if kind == "values":
+            self._values.extend(self._keep_values(what))
+            return True
+        if what == []:
+            raise _Stalled
+        return self._take(what)
+
+    async def _afetch(
+        self, kind: str, timeout: Optional[float] = None
+    ) -> Optional[tuple[str, Any]]:
+        """The async `_fetch`: what is already there is taken at once; otherwise a helper
+        thread waits for it (GIL released) and the event loop is woken through its thread-safe
+        call when it is there; the loop never blocks. ``kind`` is "batch" (``next_batch``) or
+        "values" (``next_values``); returns the kind that came and what it brought, None once
+        the stream is over."""
         self._deliver()
+        if self._pending is None and not self._finished:
+            # The loop's other tasks run once per batch, even when results never run out.
+            await asyncio.sleep(0)
         if self._finished:
             if not self._joined:
                 await self._ajoin(self._close_timeout)
-            return False
-        if self._pending is None:
-            self._pending = self._run_in_thread(
-                lambda: self._native.next_batch(self._batch_size, stall_timeout)
-            )
-        pending = self._pending
+            return None
         try:
-            batch = await asyncio.wrap_future(pending)
+            if self._pending is None:
+                fetch = self._native.next_batch if kind == "batch" else self._native.next_values
+                size = self._batch_size
+                # Without waiting: the helper thread's round trip (a thread switch there and a
+                # wake-up of the loop back) is only paid when nothing is ready.
+                got = fetch(size, 0.0)
+                if got == [] or got == ([], None):
+                    self._pending = (kind, self._run_in_thread(lambda: fetch(size, timeout)))
+            if self._pending is not None:
+                kind, pending = self._pending
+                got = await asyncio.wrap_future(pending)
+                # Only now: if the await was cancelled, the fetch stays pending for the next call.
+                self._pending = None
         except WspoolError as error:
             self._pending = None
             await self._afinish(error)
-            return False
-        # Only now: if the await was cancelled, the batch stays in `pending` for the next call.
-        self._pending = None
-        if batch == []:
-            raise _Stalled
-        if batch is None:
+            return None
+        if got is None:
             await self._afinish(None)
-            return False
-        return self._take(batch)
+            return None
+        return kind, got
 
     async def _afinish(self, error: Optional[BaseException]) -> None:
         self._set_end(error)
@@ -899,10 +989,45 @@ class Values:
         return next(self._sync)
 
     def __aiter__(self) -> AsyncIterator[Any]:
-        return self
+        return self._stream._avalues(self._skip)
 
     async def __anext__(self) -> Any:
         return await self._stream._anext_value(self._skip)
+
+
+class Batches:
+    """What :meth:`Stream.batches` returns: an iterator of lists (of results, or of values with
+    ``values=True``) for ``for``, and an async iterator of them for ``async for``."""
+
+    def __init__(self, stream: Stream, values: bool, skip: bool) -> None:
+        self._stream = stream
+        self._values = values
+        self._skip = skip
+        self._sync: Optional[Iterator[list[Any]]] = None
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        return self
+
+    def __next__(self) -> list[Any]:
+        if self._sync is None:
+            stream = self._stream
+            self._sync = (
+                stream._value_batches(self._skip) if self._values else stream._result_batches()
+            )
+        return next(self._sync)
+
+    def __aiter__(self) -> AsyncIterator[list[Any]]:
+        return self
+
+    async def __anext__(self) -> list[Any]:
+        stream = self._stream
+        if self._values:
+            batch = await stream._anext_values(self._skip)
+        else:
+            batch = await stream._anext_results()
+        if batch is None:
+            raise StopAsyncIteration
+        return batch
 
 
 def consume(
