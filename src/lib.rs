@@ -3,6 +3,7 @@
 //! queue in batches. Everything outside `py` is plain Rust (no PyO3) and is tested by
 //! `cargo test`; `py` (feature `python`) is the thin binding that maturin builds.
 
+pub mod bell;
 pub mod errors;
 pub mod frames;
 pub mod job;

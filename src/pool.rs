@@ -125,13 +125,15 @@ impl<O> Outlet<'_, O> {
     /// Hands a batch's results (None: that job left none), with their slots, on; false once
     /// nobody takes results.
     fn put(&self, outputs: Vec<(u64, Option<O>)>) -> bool {
-        match &self.reorder {
+        let alive = match &self.reorder {
             Some(r) => r.put(outputs, &self.results, self.shared),
             None => {
                 let batch: Vec<O> = outputs.into_iter().filter_map(|(_, o)| o).collect();
                 batch.is_empty() || self.results.send(batch).is_ok()
             }
-        }
+        };
+        self.shared.bell.ring();
+        alive
     }
 
     /// Hands one job's result on if that needs no waiting: `Ok(false)` once nobody takes
@@ -145,7 +147,10 @@ impl<O> Outlet<'_, O> {
             return Ok(true);
         };
         match self.results.try_send(vec![output]) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                self.shared.bell.ring();
+                Ok(true)
+            }
             Err(flume::TrySendError::Full(mut back)) => Err(back.pop()),
             Err(flume::TrySendError::Disconnected(_)) => Ok(false),
         }

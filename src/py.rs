@@ -1174,6 +1174,9 @@ pub struct NativeStream {
     inner: Stream<Out>,
     keys: Arc<KeyCache>,
     close_timeout: Duration,
+    /// The read end of the socket pair `bell_fd` hands out; the ringer holds the write end.
+    #[cfg(unix)]
+    bell: std::sync::OnceLock<std::os::unix::net::UnixStream>,
 }
 
 impl Drop for NativeStream {
@@ -1425,6 +1428,8 @@ impl NativeStream {
             inner,
             keys,
             close_timeout,
+            #[cfg(unix)]
+            bell: std::sync::OnceLock::new(),
         })
     }
 
@@ -1486,6 +1491,44 @@ impl NativeStream {
             .map(|o| out_value(py, &self.keys, o))
             .collect::<PyResult<Vec<_>>>()?;
         Ok(Some((PyList::new(py, values)?, rest)))
+    }
+
+    /// A file descriptor that becomes readable when, after `arm()`, results may have come or
+    /// the stream may have ended: an event loop watches it instead of a thread waiting in
+    /// `next_batch`. Read it empty (non-blocking) after each wake-up. None where there is none
+    /// (not Unix).
+    fn bell_fd(&self) -> PyResult<Option<i64>> {
+        #[cfg(unix)]
+        {
+            use std::io::Write;
+            use std::os::fd::AsRawFd;
+            if self.bell.get().is_none() {
+                let (reader, writer) = std::os::unix::net::UnixStream::pair()
+                    .and_then(|(r, w)| {
+                        r.set_nonblocking(true)?;
+                        w.set_nonblocking(true)?;
+                        Ok((r, w))
+                    })
+                    .map_err(|e| {
+                        pyo3::exceptions::PyOSError::new_err(format!("cannot make the bell: {e}"))
+                    })?;
+                if self.bell.set(reader).is_ok() {
+                    // A full socket already holds a wake-up: a failed write loses nothing.
+                    self.inner.set_ringer(Box::new(move || {
+                        let _ = (&writer).write(&[1]);
+                    }));
+                }
+            }
+            Ok(self.bell.get().map(|r| i64::from(r.as_raw_fd())))
+        }
+        #[cfg(not(unix))]
+        Ok(None)
+    }
+
+    /// After finding nothing (`next_batch` with timeout 0): True if the caller should wait
+    /// for `bell_fd` to become readable, False if results (or the end) are there already.
+    fn arm(&self) -> bool {
+        self.inner.arm()
     }
 
     /// Stop reading and send a close frame; queued jobs still finish. Returns at once.

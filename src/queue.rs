@@ -7,11 +7,12 @@
 //! instead; a job without the key is queued on its own, as in plain mode.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::bell::Bell;
 use crate::job::Job;
 
 /// What to do with a message that arrives while `queue_size` jobs are already waiting.
@@ -127,6 +128,9 @@ pub struct JobQueue {
     consumers: usize,
     overflow: Overflow,
     per_key: bool,
+    /// Rung after each push and at the close, for a consumer that takes jobs itself and may
+    /// wait outside [`JobQueue::pop_within`] (see [`crate::bell`]).
+    bell: Option<Arc<Bell>>,
 }
 
 /// Pushes several jobs under one lock; the waiting workers are woken once, when it is dropped.
@@ -183,6 +187,9 @@ impl Pusher<'_> {
 
 impl Drop for Pusher<'_> {
     fn drop(&mut self) {
+        if let Some(bell) = self.queue.bell.as_ref().filter(|_| self.pushed > 0) {
+            bell.ring();
+        }
         let wake = self.pushed.min(self.st.idle);
         if wake == 0 {
             return;
@@ -207,7 +214,15 @@ impl JobQueue {
             consumers: 1,
             overflow,
             per_key: order == Order::Key,
+            bell: None,
         }
+    }
+
+    /// Rings `bell` after each push and at the close (for a consumer that takes the jobs
+    /// itself).
+    pub fn with_bell(mut self, bell: Arc<Bell>) -> Self {
+        self.bell = Some(bell);
+        self
     }
 
     /// Says how many workers take jobs (for the share [`JobQueue::pop_many`] takes).
@@ -439,6 +454,14 @@ impl JobQueue {
     pub fn close(&self) {
         self.lock().closed = true;
         self.ready.notify_all();
+        if let Some(bell) = &self.bell {
+            bell.ring();
+        }
+    }
+
+    /// Closed (no more jobs will come).
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
     }
 }
 

@@ -38,6 +38,8 @@ pub struct Shared {
     started: Instant,
     ended: Mutex<Option<Instant>>,
     outcome: Mutex<Option<Error>>,
+    /// Rung when results are handed over, a thread ends or the stream is cancelled.
+    pub bell: std::sync::Arc<crate::bell::Bell>,
 }
 
 /// The read loop's counters, on a cache line of their own: beside the counters the workers
@@ -106,6 +108,7 @@ impl Shared {
             fatal: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
             threads: AtomicUsize::new(0),
+            bell: Default::default(),
             cancel: AtomicBool::new(false),
             started: Instant::now(),
             ended: Mutex::new(None),
@@ -316,6 +319,8 @@ impl Drop for ThreadGuard {
             self.0.fatal.store(true, SeqCst);
         }
         self.0.threads.fetch_sub(1, Relaxed);
+        // The end of a thread may end the results (a consumer waiting for them must look).
+        self.0.bell.ring();
     }
 }
 

@@ -325,16 +325,19 @@ impl<O: Send + 'static> Stream<O> {
         let workers = config.workers;
         let replies = config.replies.clone();
         let shared = Arc::new(Shared::new());
-        let queue = Arc::new(
-            JobQueue::new(config.queue_size, config.overflow, config.order)
-                .with_consumers(config.workers),
-        );
         // One worker with nothing to run: the consumer is that worker (no thread, no hand-over).
         // Not with a journal, whose writer marks each job done as its worker finishes it.
         let passthrough = match &journal_setup {
             None if config.workers == 1 => processor.passthrough(config.decode),
             _ => None,
         };
+        let mut queue = JobQueue::new(config.queue_size, config.overflow, config.order)
+            .with_consumers(config.workers);
+        if passthrough.is_some() {
+            // The consumer takes the jobs itself: a push is what it may be waiting for.
+            queue = queue.with_bell(shared.bell.clone());
+        }
+        let queue = Arc::new(queue);
         let (feed, mut threads) = match passthrough {
             Some(make) => (Feed::Direct(make), Vec::new()),
             None => Self::spawn_pool(
@@ -671,6 +674,39 @@ impl<O: Send + 'static> Stream<O> {
         self.cancel();
     }
 
+    /// For a consumer that waits outside [`Stream::next_batch`] (an event loop): `ring` is
+    /// called (from any thread) when, after [`Stream::arm`], results may have come or the
+    /// stream may have ended. Set once; false if it was set already.
+    pub fn set_ringer(&self, ring: Box<dyn Fn() + Send + Sync>) -> bool {
+        self.shared.bell.set_ringer(ring)
+    }
+
+    /// Arms the ringer (see [`Stream::set_ringer`]) if nothing is ready to take: true if the
+    /// consumer should wait for the ring, false if `next_batch` has something at once (results,
+    /// or the end).
+    pub fn arm(&self) -> bool {
+        self.shared.bell.arm();
+        if self.ready() {
+            self.shared.bell.disarm();
+            return false;
+        }
+        true
+    }
+
+    /// Whether `next_batch` would return at once with results or the end.
+    fn ready(&self) -> bool {
+        // Not `is_fatal`: `next_batch` then cancels, and the end comes (and rings) once the
+        // other threads are gone.
+        if self.forked() || !lock(&self.leftover).is_empty() {
+            return true;
+        }
+        match &*lock(&self.results) {
+            None => true,
+            Some(Feed::Pool(rx)) => !rx.is_empty() || rx.is_disconnected(),
+            Some(Feed::Direct(_)) => !self.queue.is_empty() || self.queue.is_closed(),
+        }
+    }
+
     /// The owner stops waiting for this stream (after [`Stream::close`] or [`Stream::cancel`]
     /// and a join that timed out): the jobs still queued are counted as cancelled and the ones
     /// still running as abandoned, so that every received job is accounted for. Their threads
@@ -774,6 +810,8 @@ impl<O> Stream<O> {
             self.shared.on_cancelled_n(self.queue.discard_all());
         }
         drop(feed);
+        // A consumer waiting outside `next_batch` must look: the stream is over.
+        self.shared.bell.ring();
     }
 }
 

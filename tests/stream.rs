@@ -985,3 +985,96 @@ fn results_freed_by_cancel_may_call_back_into_the_stream() {
         Batch::End(_)
     ));
 }
+
+/// Takes every result as an event loop does: `next_batch` without waiting, and when it finds
+/// nothing, `arm` and a wait for the ring. Returns how many results came, whether the end did,
+/// and how many waits there were (each ended by a ring, never by the 5 s limit; a message that
+/// comes after the consumer armed is only seen through its ring).
+fn drain_by_bell<O: Send + 'static>(stream: &Stream<O>) -> (usize, bool, usize) {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let tx = std::sync::Mutex::new(tx);
+    assert!(stream.set_ringer(Box::new(move || {
+        let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(());
+    })));
+    assert!(
+        !stream.set_ringer(Box::new(|| {})),
+        "the ringer is set once"
+    );
+    let (mut got, mut waits) = (0, 0);
+    loop {
+        match stream.next_batch(1024, Duration::ZERO) {
+            Batch::Items(items) => got += items.len(),
+            Batch::End(_) => return (got, true, waits),
+            Batch::Pending => {
+                if stream.arm() {
+                    waits += 1;
+                    // A ring may be stale (rung while an arming that found results was
+                    // being undone): the consumer then looks, finds nothing and waits again.
+                    rx.recv_timeout(Duration::from_secs(5))
+                        .expect("armed, results came or the stream ended, but no ring");
+                }
+            }
+        }
+    }
+}
+
+/// A server sending `n` text messages 20 ms apart, then a close frame (1000).
+fn slow_stream(n: u64) -> Server<Option<u16>> {
+    serve_ws(move |mut ws| async move {
+        for seq in 0..n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            ws.send(Message::text(text_payload(seq)))
+                .await
+                .expect("send");
+        }
+        close_with(&mut ws, 1000, "bye").await
+    })
+}
+
+#[test]
+fn a_consumer_waiting_outside_next_batch_is_rung_for_each_result_and_the_end() {
+    // No worker (the consumer takes jobs from the queue itself), then a pool of two.
+    let server = slow_stream(10);
+    let stream = Stream::start(
+        config(&server.url(), DecodeMode::Bytes, 1, 64),
+        Passthrough::default(),
+    )
+    .expect("start");
+    let (got, ended, waits) = drain_by_bell(&stream);
+    assert_eq!((got, ended), (10, true));
+    assert!(
+        waits >= 10,
+        "each message 20 ms apart is waited for: {waits}"
+    );
+
+    let server = slow_stream(10);
+    let stream = Stream::start(
+        config(&server.url(), DecodeMode::Text, 2, 64),
+        Recorder::default(),
+    )
+    .expect("start");
+    let (got, ended, waits) = drain_by_bell(&stream);
+    assert_eq!((got, ended), (10, true));
+    assert!(waits >= 10, "{waits}");
+}
+
+#[test]
+fn cancel_rings_a_consumer_waiting_outside_next_batch() {
+    let server = slow_stream(1000);
+    let stream = std::sync::Arc::new(
+        Stream::start(
+            config(&server.url(), DecodeMode::Text, 2, 64),
+            Recorder::default(),
+        )
+        .expect("start"),
+    );
+    let canceller = stream.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        canceller.cancel();
+    });
+    let started = Instant::now();
+    let (got, ended, _) = drain_by_bell(&stream);
+    assert!(ended && got < 1000, "{got}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}

@@ -167,6 +167,13 @@ class NativeStream:
         undelivered results."""
     def abandon(self) -> int:
         """Stop waiting: queued jobs count as cancelled, running ones as abandoned."""
+    def bell_fd(self) -> Optional[int]:
+        """A file descriptor that becomes readable when, after ``arm()``, results may have come
+        or the stream may have ended; read it empty after each wake-up. None where there is
+        none (not Unix)."""
+    def arm(self) -> bool:
+        """After finding nothing: True if the caller should wait for ``bell_fd``, False if
+        results (or the end) are there already."""
     def join(self, timeout: Optional[float] = None) -> bool:
         """Waits for every native thread to end; True if they did within ``timeout``."""
     def journal(self) -> Optional[StreamJournal]:

@@ -314,6 +314,7 @@ def _after_fork_in_child() -> None:
         stream._undelivered.clear()
         stream._executor = None
         stream._pending = None
+        stream._bell_waiters = []
         stream._async_handlers = None
     _live.clear()
 
@@ -327,6 +328,11 @@ def _skip_failed(failed: str) -> bool:
     if failed not in ("raise", "skip"):
         raise ValueError(f'failed must be "raise" or "skip", not {failed!r}')
     return failed == "skip"
+
+
+def _nothing(got: Any) -> bool:
+    """Whether a ``next_batch`` / ``next_values`` call found nothing within its timeout."""
+    return got == [] or got == ([], None)
 
 
 class _Stalled(Exception):
@@ -379,6 +385,11 @@ class Stream:
         # ("batch" or "values", its future): what was asked for, since a fetch left pending
         # by a cancelled await is what the next async call gets, whatever that one asks for.
         self._pending: Optional[tuple[str, concurrent.futures.Future[Any]]] = None
+        # The native bell's file descriptor (None before first use, -1 where there is none),
+        # and the async fetches waiting for it to ring.
+        self._bell: Optional[int] = None
+        self._bell_waiters: list[asyncio.Future[None]] = []
+        self._yielded = False
         self._buffer: collections.deque[Result] = collections.deque()
         # Values taken for `values()` and not yet yielded.
         self._values: collections.deque[Any] = collections.deque()
@@ -761,9 +772,11 @@ class Stream:
         "values" (``next_values``); returns the kind that came and what it brought, None once
         the stream is over."""
         self._deliver()
-        if self._pending is None and not self._finished:
-            # The loop's other tasks run once per batch, even when results never run out.
+        if self._pending is None and not self._finished and not self._yielded:
+            # The loop's other tasks run once per batch, even when results never run out
+            # (after a wait for the bell they just did).
             await asyncio.sleep(0)
+        self._yielded = False
         if self._finished:
             if not self._joined:
                 await self._ajoin(self._close_timeout)
@@ -775,8 +788,12 @@ class Stream:
                 # Without waiting: the helper thread's round trip (a thread switch there and a
                 # wake-up of the loop back) is only paid when nothing is ready.
                 got = fetch(size, 0.0)
-                if got == [] or got == ([], None):
-                    self._pending = (kind, self._run_in_thread(lambda: fetch(size, timeout)))
+                if _nothing(got):
+                    fd = self._bell_fd()
+                    if fd < 0:
+                        self._pending = (kind, self._run_in_thread(lambda: fetch(size, timeout)))
+                    else:
+                        got = await self._await_bell(fd, lambda: fetch(size, 0.0), timeout)
             if self._pending is not None:
                 kind, pending = self._pending
                 got = await asyncio.wrap_future(pending)
@@ -790,6 +807,51 @@ class Stream:
             await self._afinish(None)
             return None
         return kind, got
+
+    def _bell_fd(self) -> int:
+        if self._bell is None:
+            fd = self._native.bell_fd()
+            self._bell = -1 if fd is None else fd
+        return self._bell
+
+    async def _await_bell(self, fd: int, take: Callable[[], Any], timeout: Optional[float]) -> Any:
+        """Waits, on the event loop itself, for the native side to ring (results came, or the
+        stream ended: one wake-up of the loop, no helper thread), then returns what ``take``
+        takes; what it took last (nothing) when ``timeout`` seconds pass first."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            if self._native.arm():
+                waiter = loop.create_future()
+                waiters = self._bell_waiters
+                if not waiters:
+                    loop.add_reader(fd, self._on_bell, fd)
+                waiters.append(waiter)
+                try:
+                    if deadline is None:
+                        await waiter
+                    else:
+                        await asyncio.wait_for(waiter, max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    pass
+                finally:
+                    waiters.remove(waiter)
+                    if not waiters:
+                        loop.remove_reader(fd)
+                self._yielded = True
+            got = take()
+            if not _nothing(got) or (deadline is not None and loop.time() >= deadline):
+                return got
+
+    def _on_bell(self, fd: int) -> None:
+        try:
+            while len(os.read(fd, 4096)) == 4096:
+                pass
+        except OSError:  # BlockingIOError: read empty
+            pass
+        for waiter in self._bell_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _afinish(self, error: Optional[BaseException]) -> None:
         self._set_end(error)
