@@ -1668,7 +1668,34 @@ pub struct Setup {
 }
 
 /// A run of messages the read loop read, with their keys: it sends each run as one batch.
-pub type Received = Vec<(Job, Option<Key>)>;
+/// The jobs of a run dropped before the writer took them (the writer failed, or a send
+/// failed) are counted as cancelled, wherever that happens: a run sent just before the writer
+/// let go of its channel stays in the channel until the read loop drops its end, and would
+/// otherwise be lost uncounted.
+pub struct Received {
+    jobs: Vec<(Job, Option<Key>)>,
+    shared: Arc<Shared>,
+}
+
+impl Received {
+    pub fn new(jobs: Vec<(Job, Option<Key>)>, shared: Arc<Shared>) -> Self {
+        Received { jobs, shared }
+    }
+
+    /// The jobs, taken by the writer (no longer counted on drop).
+    fn take(mut self) -> Vec<(Job, Option<Key>)> {
+        std::mem::take(&mut self.jobs)
+    }
+}
+
+impl Drop for Received {
+    fn drop(&mut self) {
+        if !self.jobs.is_empty() {
+            self.shared.on_cancelled_n(self.jobs.len() as u64);
+        }
+    }
+}
+
 /// The channel a stream's read loop hands received jobs to the writer on.
 pub type Inserts = flume::Sender<Received>;
 
@@ -1864,9 +1891,7 @@ impl Writer {
             // Jobs still on their way are not journaled, so they are not run (nor lost
             // silently: the stream ends with this error, and they are counted as cancelled).
             if let Some(rx) = self.inserts.take() {
-                for run in rx.drain() {
-                    self.shared.on_cancelled_n(run.len() as u64);
-                }
+                rx.drain().for_each(drop);
             }
         }
         result
@@ -1943,7 +1968,7 @@ impl Writer {
 
     fn take(&mut self, event: Event, batch: &mut Vec<(Job, Option<Key>)>) {
         match event {
-            Event::Insert(Ok(items)) => batch.extend(items),
+            Event::Insert(Ok(items)) => batch.extend(items.take()),
             Event::Insert(Err(_)) => self.inserts = None,
             Event::Update(Ok(us)) => us.into_iter().for_each(|u| self.pending.add(u)),
             Event::Update(Err(_)) => self.updates = None,
@@ -1958,7 +1983,7 @@ impl Writer {
         if let Some(rx) = &self.inserts {
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(items) => batch.extend(items),
+                    Ok(items) => batch.extend(items.take()),
                     Err(flume::TryRecvError::Empty) => break,
                     Err(flume::TryRecvError::Disconnected) => {
                         self.inserts = None;
@@ -2244,6 +2269,11 @@ mod tests {
     }
 
     impl Harness {
+        /// A run of received jobs, as the read loop sends them.
+        fn received(&self, jobs: Vec<(Job, Option<Key>)>) -> Received {
+            Received::new(jobs, self.shared.clone())
+        }
+
         /// Runs one job the way a worker does.
         fn work_one(&self) -> Option<u64> {
             let popped = self.queue.pop()?;
@@ -2281,8 +2311,8 @@ mod tests {
         let (h, next) = start(&path, 8).unwrap();
         assert_eq!(next, 0);
         let tx = h.inserts.clone().unwrap();
-        tx.send(vec![(job(0, b"ok"), None)]).unwrap();
-        tx.send(vec![(job(1, b"bad"), None)]).unwrap();
+        tx.send(h.received(vec![(job(0, b"ok"), None)])).unwrap();
+        tx.send(h.received(vec![(job(1, b"bad"), None)])).unwrap();
         // A job reaches the pool only once its row is committed: a second connection sees it.
         let popped = h.queue.pop().unwrap();
         let reader = Journal::open(&path, false, SyncMode::Normal).unwrap();
@@ -2350,7 +2380,7 @@ mod tests {
         let (h, _) = start(&path, 4).unwrap();
         let tx = h.inserts.clone().unwrap();
         for i in 0..6 {
-            tx.send(vec![(job(i, b"x"), None)]).unwrap();
+            tx.send(h.received(vec![(job(i, b"x"), None)])).unwrap();
         }
         // Two run to the end, one is left running, three received: then the process "dies".
         assert_eq!(h.work_one(), Some(0));
@@ -2381,7 +2411,7 @@ mod tests {
         h.inserts
             .clone()
             .unwrap()
-            .send(vec![(job(6, b"x"), None)])
+            .send(h.received(vec![(job(6, b"x"), None)]))
             .unwrap();
         let order: Vec<u64> = (0..5).filter_map(|_| h.work_one()).collect();
         assert_eq!(order, vec![2, 3, 4, 5, 6], "recovered jobs come first");
@@ -2426,10 +2456,12 @@ mod tests {
         let mut sent = 0;
         for i in 0..32 {
             let run = vec![(job(2 * i, &BIG), None), (job(2 * i + 1, &BIG), None)];
-            if tx.send(run).is_err() {
+            // Received, as the read loop counts them, whether or not the writer takes them
+            // (a failed send hands the run back; dropped, it counts its jobs as cancelled).
+            sent += 2;
+            if tx.send(Received::new(run, shared.clone())).is_err() {
                 break;
             }
-            sent += 2;
         }
         drop(tx);
         let mut ran = 0;

@@ -749,9 +749,10 @@ impl Reader {
             // Not interruptible on purpose: a message read must be written. The writer only
             // waits for the pool (or nothing, once cancelled), as a full queue would.
             let jobs = std::mem::replace(batch, Vec::with_capacity(READ_BATCH));
-            return journal.send_async(jobs).await.map_err(|unsent| {
-                // The writer is gone (it failed): these were counted as received, never run.
-                self.shared.on_cancelled_n(unsent.0.len() as u64);
+            let run = crate::journal::Received::new(jobs, self.shared.clone());
+            return journal.send_async(run).await.map_err(|_unsent| {
+                // The writer is gone (it failed): the run, dropped here, counts its jobs as
+                // cancelled (they were counted as received, never run).
                 Stop::Failed(self.shared.error().unwrap_or_else(|| {
                     Error::Internal("the journal writer ended before the read loop".into())
                 }))
