@@ -794,7 +794,7 @@ CLIENTS: dict[str, Client] = {
     "wspool-async": Client(
         lambda job: _run_wspool_values(job, None, asynchronous=True),
         ("wspool",),
-        ("count", "json", "large"),
+        ("count", "json", "large", "latency"),
         kind="wspool",
     ),
     "picows": Client(_async("picows"), ("picows",)),

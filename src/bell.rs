@@ -31,17 +31,14 @@ impl Bell {
     }
 
     /// The consumer found nothing: the next ring calls the ringer. The consumer must look
-    /// again after arming (and [`disarm`](Bell::disarm) if it finds something): what was
-    /// handed over before the bell was armed rings nothing.
+    /// again after arming: what was handed over before the bell was armed rings nothing. It
+    /// stays armed if that look finds something (another consumer may be waiting), so a ring
+    /// may find nothing left to take.
     pub fn arm(&self) {
         self.armed.store(true, Ordering::Relaxed);
         // Pairs with the fence in `ring`: either the producer sees the bell armed, or the
         // consumer's second look sees what the producer handed over.
         fence(Ordering::SeqCst);
-    }
-
-    pub fn disarm(&self) {
-        self.armed.store(false, Ordering::Relaxed);
     }
 
     /// Called after handing something over: calls the ringer if the bell is armed, and
@@ -84,9 +81,8 @@ mod tests {
         bell.ring();
         assert_eq!(calls.load(Ordering::SeqCst), 1, "one ring per arming");
         bell.arm();
-        bell.disarm();
         bell.ring();
-        assert_eq!((calls.load(Ordering::SeqCst), bell.rung()), (1, 1));
+        assert_eq!((calls.load(Ordering::SeqCst), bell.rung()), (2, 2));
     }
 
     #[test]

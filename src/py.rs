@@ -1527,8 +1527,9 @@ impl NativeStream {
 
     /// After finding nothing (`next_batch` with timeout 0): True if the caller should wait
     /// for `bell_fd` to become readable, False if results (or the end) are there already.
-    fn arm(&self) -> bool {
-        self.inner.arm()
+    fn arm(&self, py: Python<'_>) -> bool {
+        // It may wait for a consumer on another thread (the stream's locks): without the GIL.
+        py.detach(|| self.inner.arm())
     }
 
     /// Stop reading and send a close frame; queued jobs still finish. Returns at once.

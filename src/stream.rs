@@ -681,16 +681,13 @@ impl<O: Send + 'static> Stream<O> {
         self.shared.bell.set_ringer(ring)
     }
 
-    /// Arms the ringer (see [`Stream::set_ringer`]) if nothing is ready to take: true if the
-    /// consumer should wait for the ring, false if `next_batch` has something at once (results,
-    /// or the end).
+    /// Arms the ringer (see [`Stream::set_ringer`]): true if the consumer should wait for the
+    /// ring, false if `next_batch` has something at once (results, or the end). The bell stays
+    /// armed either way: another consumer may be waiting on it (a ring then may find nothing,
+    /// and the consumer looks and waits again).
     pub fn arm(&self) -> bool {
         self.shared.bell.arm();
-        if self.ready() {
-            self.shared.bell.disarm();
-            return false;
-        }
-        true
+        !self.ready()
     }
 
     /// Whether `next_batch` would return at once with results or the end.
@@ -803,8 +800,9 @@ impl<O> Stream<O> {
     /// No more results will be taken. With no workers, the jobs still queued are counted as
     /// cancelled here (the ones the read loop queues after, as it ends), as workers would.
     fn drop_feed(&self) {
-        // Taken out under the lock and freed after it: the results still in the channel go
-        // with it, and a result's drop may run Python code that calls back into this stream.
+        // Taken out under the lock and freed after it: a result's drop may run Python code
+        // that calls back into this stream (the results still in the channel go once the
+        // workers' ends are gone too).
         let feed = lock(&self.results).take();
         if let Some(Feed::Direct(_)) = feed {
             self.shared.on_cancelled_n(self.queue.discard_all());

@@ -544,3 +544,72 @@ def test_async_batches_of_results_and_values_lose_nothing_when_left_early(mock_s
 
     results, one_by_one, values = asyncio.run(main())
     assert results + one_by_one + values == [i for i in range(n) if i != 1700]
+
+
+def test_two_tasks_share_an_async_stream_and_one_leaving_early_stalls_nothing(mock_server):
+    n = 1500
+    server = mock_server(count=n, rate=3000)
+
+    async def main() -> tuple[list[int], list[int]]:
+        async with wspool.consume(server.url, decode="json", workers=2) as stream:
+            early: list[int] = []
+
+            async def leaves_early() -> None:
+                batches = stream.batches()
+                for _ in range(3):
+                    early.extend(r.id for r in await batches.__anext__())
+
+            async def stays() -> list[int]:
+                return [r.id async for batch in stream.batches() for r in batch]
+
+            stayed, _ = await asyncio.wait_for(asyncio.gather(stays(), leaves_early()), 30)
+        return early, stayed
+
+    early, stayed = asyncio.run(main())
+    assert len(early) >= 3
+    assert sorted(early + stayed) == list(range(n))
+
+
+def test_sync_batches_go_on_after_a_failed_job_and_close(mock_server):
+    server = mock_server(count=300)
+    with wspool.consume(server.url, seq_or_failure_at(100), decode="json", workers=1) as stream:
+        batches = stream.batches(values=True)
+        got: list[int] = []
+        with pytest.raises(wspool.JobFailed) as failed:
+            for batch in batches:
+                got.extend(batch)
+        assert failed.value.job_id == 100
+        got.extend(next(batches))  # the same object goes on after the failed job
+        batches.close()
+        assert next(batches, None) is None  # closed, as a generator would be
+        got.extend(v for b in stream.batches(values=True) for v in b)  # the rest stayed
+    assert got == [i for i in range(300) if i != 100]
+
+
+def test_an_async_stream_goes_on_in_a_new_event_loop_while_a_stopped_one_still_waits(
+    mock_server,
+):
+    n = 20
+    server = mock_server(count=n, rate=40)  # a message every 25 ms
+    stream = wspool.consume(server.url, decode="json", workers=1)
+    before: list[int] = []
+
+    async def take(into: list[int]) -> None:
+        async for batch in stream.batches(values=True):
+            into.extend(d["seq"] for d in batch)
+
+    first = asyncio.new_event_loop()
+    try:
+        # A task of the first loop takes the first messages and waits for the next; that loop
+        # then stops with the task still waiting.
+        waiting = first.create_task(take(before))
+        first.run_until_complete(asyncio.sleep(0.1))
+        assert before and not waiting.done()
+        after: list[int] = []
+        asyncio.run(asyncio.wait_for(take(after), 20))
+        waiting.cancel()
+        first.run_until_complete(asyncio.gather(waiting, return_exceptions=True))
+    finally:
+        first.close()
+        stream.close()
+    assert before + after == list(range(n))

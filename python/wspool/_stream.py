@@ -7,6 +7,7 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
+import contextlib
 import inspect
 import json
 import logging
@@ -15,7 +16,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Callable, Optional, Union
@@ -314,7 +315,7 @@ def _after_fork_in_child() -> None:
         stream._undelivered.clear()
         stream._executor = None
         stream._pending = None
-        stream._bell_waiters = []
+        stream._bell_waiters = {}
         stream._async_handlers = None
     _live.clear()
 
@@ -328,6 +329,12 @@ def _skip_failed(failed: str) -> bool:
     if failed not in ("raise", "skip"):
         raise ValueError(f'failed must be "raise" or "skip", not {failed!r}')
     return failed == "skip"
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
 
 
 def _nothing(got: Any) -> bool:
@@ -386,9 +393,9 @@ class Stream:
         # by a cancelled await is what the next async call gets, whatever that one asks for.
         self._pending: Optional[tuple[str, concurrent.futures.Future[Any]]] = None
         # The native bell's file descriptor (None before first use, -1 where there is none),
-        # and the async fetches waiting for it to ring.
+        # and the async fetches waiting for it to ring, per event loop.
         self._bell: Optional[int] = None
-        self._bell_waiters: list[asyncio.Future[None]] = []
+        self._bell_waiters: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         self._yielded = False
         self._buffer: collections.deque[Result] = collections.deque()
         # Values taken for `values()` and not yet yielded.
@@ -518,7 +525,7 @@ class Stream:
                 return
             pending.extend(batch)
 
-    def _result_batches(self) -> Iterator[list[Result]]:
+    def _result_batches(self) -> Generator[list[Result], None, None]:
         while self._wait_buffered():
             yield self._take_buffered()
 
@@ -529,7 +536,7 @@ class Stream:
             self._resume.last = batch[-1].job
         return batch
 
-    def _value_batches(self, skip: bool) -> Iterator[list[Any]]:
+    def _value_batches(self, skip: bool) -> Generator[list[Any], None, None]:
         while True:
             out = self._buffered_values(skip)
             if out:
@@ -823,7 +830,7 @@ class Stream:
         while True:
             if self._native.arm():
                 waiter = loop.create_future()
-                waiters = self._bell_waiters
+                waiters = self._bell_waiters.setdefault(loop, [])
                 if not waiters:
                     loop.add_reader(fd, self._on_bell, fd)
                 waiters.append(waiter)
@@ -837,6 +844,7 @@ class Stream:
                 finally:
                     waiters.remove(waiter)
                     if not waiters:
+                        del self._bell_waiters[loop]
                         loop.remove_reader(fd)
                 self._yielded = True
             got = take()
@@ -849,9 +857,15 @@ class Stream:
                 pass
         except OSError:  # BlockingIOError: read empty
             pass
-        for waiter in self._bell_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        # Waiters on other loops (the stream used from several threads) may not see the byte
+        # this loop took: woken through their own loop.
+        here = asyncio.get_running_loop()
+        for loop, waiters in list(self._bell_waiters.items()):
+            if loop is here:
+                _wake(waiters)
+            else:
+                with contextlib.suppress(RuntimeError):  # that loop is closed
+                    loop.call_soon_threadsafe(_wake, waiters)
 
     async def _afinish(self, error: Optional[BaseException]) -> None:
         self._set_end(error)
@@ -1065,7 +1079,7 @@ class Batches:
         self._stream = stream
         self._values = values
         self._skip = skip
-        self._sync: Optional[Iterator[list[Any]]] = None
+        self._sync: Optional[Generator[list[Any], None, None]] = None
 
     def __iter__(self) -> Iterator[list[Any]]:
         return self
@@ -1076,7 +1090,17 @@ class Batches:
             self._sync = (
                 stream._value_batches(self._skip) if self._values else stream._result_batches()
             )
-        return next(self._sync)
+        try:
+            return next(self._sync)
+        except JobFailed:
+            # Iterating again goes on after the failed job, as with async for.
+            self._sync = None
+            raise
+
+    def close(self) -> None:
+        """Ends this iteration (the results not yet taken stay with the stream)."""
+        if self._sync is not None:
+            self._sync.close()
 
     def __aiter__(self) -> AsyncIterator[list[Any]]:
         return self
