@@ -459,9 +459,10 @@ impl JobQueue {
         }
     }
 
-    /// Closed (no more jobs will come).
-    pub fn is_closed(&self) -> bool {
-        self.lock().closed
+    /// Jobs wait, or no more will come: a consumer taking jobs itself has something to do.
+    pub fn has_jobs_or_closed(&self) -> bool {
+        let st = self.lock();
+        st.len > 0 || st.closed
     }
 }
 

@@ -543,11 +543,8 @@ impl<O: Send + 'static> Stream<O> {
         let feed = lock(&self.results).clone();
         let rx = match feed {
             None => {
-                // Freed after the lock is let go: a result's drop may run Python code (a
-                // `__del__`) that calls back into this stream.
-                let gone = std::mem::take(&mut *leftover);
                 drop(leftover);
-                drop(gone);
+                self.drop_leftover();
                 return self.end();
             }
             Some(Feed::Pool(rx)) => rx,
@@ -661,9 +658,7 @@ impl<O: Send + 'static> Stream<O> {
         self.shared.set_cancelled();
         self.control.send_replace(Control::Cancel);
         self.drop_feed();
-        // Taken out under the lock, freed after it (see `next_batch_within`).
-        let gone = std::mem::take(&mut *lock(&self.leftover));
-        drop(gone);
+        self.drop_leftover();
         self.shared.mark_ended();
     }
 
@@ -672,6 +667,13 @@ impl<O: Send + 'static> Stream<O> {
     pub fn cancel_going_away(&self) {
         self.shared.set_going_away();
         self.cancel();
+    }
+
+    /// Frees the results taken but not handed over, after letting go of the lock: a result's
+    /// drop may run Python code (a `__del__`) that calls back into this stream.
+    fn drop_leftover(&self) {
+        let gone = std::mem::take(&mut *lock(&self.leftover));
+        drop(gone);
     }
 
     /// For a consumer that waits outside [`Stream::next_batch`] (an event loop): `ring` is
@@ -700,7 +702,7 @@ impl<O: Send + 'static> Stream<O> {
         match &*lock(&self.results) {
             None => true,
             Some(Feed::Pool(rx)) => !rx.is_empty() || rx.is_disconnected(),
-            Some(Feed::Direct(_)) => !self.queue.is_empty() || self.queue.is_closed(),
+            Some(Feed::Direct(_)) => self.queue.has_jobs_or_closed(),
         }
     }
 
